@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random transformers models saved as safetensors, with a real tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Hello world! How are you today? I am fine, thank you.",
+    "Once upon a time there was a little model that liked numbers: 0 1 2 3 4 5 6 7 8 9.",
+    "café naïve résumé — über straße. 你好世界，今天天气很好。 👍🏽 🎉 😀",
+    "def f(x):\n    return x * 2\n\n\tindented\ttabs   and   spaces",
+]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama31": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, "rope_theta": 500000.0}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 24}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def save_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: Path, arch: str = "llama", shards: bool = False, **overrides):
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = ARCHS[arch]
+    path.mkdir(parents=True, exist_ok=True)
+    tok = save_tokenizer(path)
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, initializer_range=0.15, rms_norm_eps=1e-5,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "qwen2":
+        kwargs["attention_bias"] = True
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(hash(arch) % 1000)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mistake in either shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True,
+                          max_shard_size="100KB" if shards else "5GB")
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(arch, shards=False, **config) -> (path, transformers model); cached per args."""
+    cache = {}
+
+    def get(arch="llama", shards=False, **overrides):
+        key = (arch, shards, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(arch)
+            cache[key] = (path, make_model(path, arch, shards, **overrides))
+        return cache[key]
+
+    return get

@@ -1,0 +1,276 @@
+"""The engine loop: add_request / step / abort; detokenize and apply stop conditions."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.engine.block_manager import BlockManager
+from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
+from vllm_jax.engine.sequence import Sequence
+from vllm_jax.models.llama import kv_cache_bytes_per_page
+from vllm_jax.runner.model_runner import ModelRunner
+from vllm_jax.sampling_params import SamplingParams
+from vllm_jax.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("vllm_jax")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    texts: list[str]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    prompt_logprobs: list | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded=None):
+        from vllm_jax.loader import load, to_dtype
+        from vllm_jax.loader.default_model import resolve_model_path
+
+        self.config = config
+        if loaded is None:
+            loaded = load(resolve_model_path(config.model_path), config.dtype)
+        self.loaded = loaded
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context "
+                              f"length {cfg.max_position_embeddings}")
+        dtype = to_dtype(config.dtype)
+        ps = config.page_size
+        per_page = kv_cache_bytes_per_page(cfg, ps, np.dtype(dtype).itemsize)
+        num_pages = config.kvcache_mem_mb * 2**20 // per_page
+        if num_pages < -(-self.max_model_len // ps):
+            raise ConfigError(
+                f"the KV cache ({config.kvcache_mem_mb} MB = {num_pages} pages of {ps} tokens) "
+                f"cannot hold one sequence of max_model_len={self.max_model_len}; raise --kvmem "
+                f"or lower --max-model-len")
+        log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, ps,
+                 num_pages * per_page / 2**20)
+        max_tokens = min(config.max_num_batched_tokens, self.max_model_len)
+        max_tokens = max(max_tokens, min(16, self.max_model_len))
+        max_prefill_seqs = min(8, config.max_num_seqs)
+        self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
+                                  self.max_model_len, config.max_num_seqs, max_tokens,
+                                  max_prefill_seqs, dtype)
+        self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
+                                   max_prefill_seqs)
+        self.requests: dict[str, Request] = {}
+        self.rng = np.random.default_rng(config.seed)
+        self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
+        self.num_generated_tokens = 0
+        self._next_id = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id, self._next_id = str(self._next_id), self._next_id + 1
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self.check_prompt(ids)
+        seqs, detoks = [], []
+        for i in range(params.n):
+            if params.seed is None:
+                seed = int(self.rng.integers(2**31))
+            else:
+                seed = (params.seed * 1_000_003 + i) % 2**32
+            seq = Sequence(ids, params, seed, request_id, i)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+        req = Request(request_id, text, ids, params, seqs, detoks, [""] * params.n)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(ids)
+        self.requests[request_id] = req
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def check_prompt(self, ids: list[int]):
+        if not ids:
+            raise ValueError("the prompt cannot be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(ids) + 1} tokens ({len(ids)} in the prompt, at least 1 in "
+                f"the completion). Please reduce the length of the prompt.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of vocabulary (size {vocab})")
+
+    def abort_request(self, request_id: str):
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_compiles(self) -> int:
+        return self.runner.num_compiles
+
+    def warmup(self) -> int:
+        return self.runner.warmup()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        out = jax.device_get(self.runner.run(batch))
+        touched = {}
+        now = time.monotonic()
+        for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
+            req = self.requests[seq.request_id]
+            n = batch.num_new_tokens[row]
+            if "prompt_logprob" in out and req.prompt_logprobs is not None and seq.index == 0:
+                self._record_prompt_logprobs(req, seq, out, start, n)
+            seq.num_computed_tokens += n
+            if not batch.decode:
+                self.num_prompt_tokens += n
+            self.block_manager.register_computed(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prompt chunk; the prompt is not done yet
+            self._append(req, seq, out, row)
+            req.first_token_time = req.first_token_time or now
+            touched[req.request_id] = req
+        return [self._output(r) for r in touched.values()]
+
+    def _append(self, req: Request, seq: Sequence, out: dict, row: int):
+        token = int(out["tokens"][row])
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        params = seq.params
+        if "logprob" in out:
+            lp = float(out["logprob"][row])
+            seq.cumulative_logprob += lp
+            if params.logprobs is not None:
+                top = {int(i): float(v) for i, v in
+                       zip(out["top_ids"][row][:params.logprobs], out["top_logprobs"][row])}
+                seq.output_logprobs.append((lp, top))
+        detok = req.detoks[seq.index]
+        before = len(detok.text)
+        detok.add(token)
+        text = detok.text
+        reason = stop = None
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+                reason = "stop"
+            elif token in params.stop_token_ids:
+                reason, stop = "stop", token
+            elif params.stop_strings:
+                hit = _find_stop(text, before, params.stop_strings)
+                if hit is not None:
+                    idx, s = hit
+                    text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
+                    reason, stop = "stop", s
+        if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        req.texts[seq.index] = text
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.scheduler.finish(seq)
+
+    def _record_prompt_logprobs(self, req, seq, out, start, n):
+        first = seq.num_computed_tokens  # position of this chunk's first token
+        k = req.params.prompt_logprobs
+        for j in range(n):
+            p = first + j + 1  # the prompt position this logit predicts
+            if p >= seq.num_prompt_tokens:
+                break
+            entry = {seq.token_ids[p]: float(out["prompt_logprob"][start + j])}
+            for i, v in zip(out["prompt_top_ids"][start + j][:k],
+                            out["prompt_top_logprobs"][start + j][:k]):
+                entry.setdefault(int(i), float(v))
+            req.prompt_logprobs[p] = entry
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        hold = max((len(s) for s in req.params.stop_strings), default=1) - 1
+        for seq, text in zip(req.seqs, req.texts):
+            if not seq.is_finished and hold:
+                text = text[:max(0, len(text) - hold)]
+            logprobs = None
+            if req.params.logprobs is not None:
+                logprobs = [_logprob_dict(seq.token_ids[seq.num_prompt_tokens + i], lp, top)
+                            for i, (lp, top) in enumerate(seq.output_logprobs)]
+            outs.append(CompletionOutput(
+                seq.index, text, list(seq.output_token_ids),
+                seq.cumulative_logprob if req.params.logprobs is not None else None, logprobs,
+                seq.finish_reason, seq.stop_reason))
+        prompt_lps = None
+        if req.prompt_logprobs is not None:
+            ids = req.prompt_token_ids
+            prompt_lps = [None if e is None else _logprob_dict(ids[p], e[ids[p]], e)
+                          for p, e in enumerate(req.prompt_logprobs)]
+        finished = req.finished
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_lps, outs,
+                             finished, req.seqs[0].num_cached_tokens,
+                             {"arrival_time": req.arrival_time,
+                              "first_token_time": req.first_token_time})
+
+    def generate(self, prompts: list, params: SamplingParams | list | None = None):
+        """Run prompts (strings or token id lists) to completion; outputs in input order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done = {}
+        while len(done) < len(ids):
+            for o in self.step():
+                if o.finished:
+                    done[o.request_id] = o
+        return [done[i] for i in ids]
+
+
+def _offsets(batch: ScheduledBatch) -> list[int]:
+    return list(np.cumsum([0] + batch.num_new_tokens[:-1]))
+
+
+def _find_stop(text: str, before: int, stops) -> tuple[int, str] | None:
+    best = None
+    for s in stops:
+        idx = text.find(s, max(0, before - len(s) + 1))
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, s)
+    return best
+
+
+def _logprob_dict(token: int, lp: float, top: dict) -> dict[int, Logprob]:
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])
+    out = {int(i): Logprob(v, r + 1) for r, (i, v) in enumerate(ranked)}
+    if token not in out:
+        out[token] = Logprob(lp, None)
+    return out

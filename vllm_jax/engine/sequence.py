@@ -1,0 +1,64 @@
+"""One generated sequence: its tokens, its pages, how much of it the KV cache holds."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from vllm_jax.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, seed: int,
+                 request_id: str = "", index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n outputs
+        self.params = params
+        self.seed = seed
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash chain of the full pages whose KV is computed
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.output_logprobs: list = []  # per output token: (logprob, [(id, logprob)...])
+        self.prompt_logprobs: list = []  # per prompt position >= 1
+        self.cumulative_logprob = 0.0
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the last token still needs its KV computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def page_tokens(self, i: int, page_size: int) -> list[int]:
+        return self.token_ids[i * page_size:(i + 1) * page_size]

@@ -1,0 +1,97 @@
+"""Model files -> (config, NNX model with its weights on the device, tokenizer)."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from vllm_jax.config import ConfigError, ModelConfig
+from vllm_jax.loader import safetensors as st
+from vllm_jax.models.llama import LlamaForCausalLM
+
+log = logging.getLogger("vllm_jax")
+
+DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f16": jnp.float16,
+          "float16": jnp.float16, "fp16": jnp.float16, "f32": jnp.float32,
+          "float32": jnp.float32, "fp32": jnp.float32}
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: object
+    path: str
+    weight_bytes: int
+
+
+def to_dtype(name: str):
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose from bf16, f16, f32")
+    return DTYPES[name]
+
+
+def progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())
+
+
+def _place_default(name: str, arr):
+    return jax.device_put(arr)
+
+
+def load_safetensors(path: str, dtype, place: Callable = _place_default):
+    from vllm_jax.tokenizer import Tokenizer
+
+    cfg = ModelConfig.from_dir(path)
+    files = st.checkpoint_files(path)
+    names = st.tensor_names(files)
+    np_dtype = np.dtype(dtype)
+    weights = {}
+    with progress(len(names), f"loading {Path(path).name}") as bar:
+        for name, arr in st.iter_tensors(files):
+            weights[name] = place(name, np.asarray(arr).astype(np_dtype))
+            bar.update()
+    tokenizer = Tokenizer.from_dir(path)
+    return cfg, weights, tokenizer
+
+
+def load(path: str, dtype: str = "bf16", place: Callable = _place_default) -> LoadedModel:
+    jdtype = to_dtype(dtype)
+    p = Path(path)
+    if p.is_dir():
+        cfg, weights, tokenizer = load_safetensors(path, jdtype, place)
+    elif p.suffix == ".gguf" and p.is_file():
+        from vllm_jax.loader.gguf import load_gguf
+        cfg, weights, tokenizer = load_gguf(path, jdtype, place)
+    elif not p.exists():
+        raise ConfigError(f"{path}: no such model file or folder")
+    else:
+        raise ConfigError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+    missing = _missing(cfg, weights)
+    if missing:
+        raise ConfigError(f"{path}: missing weights: {', '.join(missing[:4])}"
+                          + (" ..." if len(missing) > 4 else ""))
+    model = LlamaForCausalLM(cfg, weights, jdtype)
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
+    log.info("weights: %.1f MiB on the device", nbytes / 2**20)
+    return LoadedModel(cfg, model, tokenizer, str(path), nbytes)
+
+
+def _missing(cfg: ModelConfig, weights) -> list[str]:
+    need = ["embed_tokens.weight", "norm.weight"]
+    if not cfg.tie_word_embeddings:
+        need.append("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        need += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        need += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        need += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return [n for n in need if n not in weights]

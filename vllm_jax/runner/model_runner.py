@@ -1,0 +1,207 @@
+"""Runs a ScheduledBatch on the device: pad to a bucket, one transfer in, one jitted step, read back.
+
+The step is compiled once per StepLayout (bucket sizes and a few static flags). Weights travel
+as an argument (the NNX state pytree) and the KV cache is donated, so it is updated in place.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vllm_jax.engine.scheduler import ScheduledBatch
+from vllm_jax.models.llama import AttnMetadata, kv_cache_shape
+from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
+
+log = logging.getLogger("vllm_jax")
+
+INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_tables:SB",
+              "context_lens:S", "logits_indices:S", "top_k:S", "seed:S", "step:S",
+              "min_tokens:S", "banned:SX")
+MAX_BANNED = 8  # eos and stop_token_ids masked while a sequence is below min_tokens
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from `start`, ending exactly at `limit`."""
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def pick(bucket_list: list[int], n: int) -> int:
+    return next(b for b in bucket_list if b >= n)
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    num_tokens: int  # T
+    num_seqs: int  # S
+    max_pages: int  # B
+    decode: bool
+    greedy_only: bool = False
+    logprobs: bool = False
+    penalties: int = 0  # history length when any row uses penalties, else 0
+    prompt_logprobs: bool = False
+
+    def int_sizes(self):
+        n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
+             "SX": self.num_seqs * MAX_BANNED}
+        sizes = [(f.split(":")[0], n[f.split(":")[1]]) for f in INT_FIELDS]
+        if self.penalties:
+            sizes += [("history", self.num_seqs * self.penalties), ("num_prompt", self.num_seqs)]
+        if self.prompt_logprobs:
+            sizes.append(("targets", self.num_tokens))
+        return sizes
+
+
+def _unpack(flat, sizes):
+    out, off = {}, 0
+    for name, size in sizes:
+        out[name] = flat[off:off + size]
+        off += size
+    return out
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, dtype):
+        self.cfg = model.cfg
+        self.eos_ids = list(eos_ids)
+        self.graphdef, self.state = nnx.split(model)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages = -(-max_model_len // page_size)
+        self.max_model_len = max_model_len
+        self.seq_buckets = buckets(max_num_seqs)
+        self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
+        self.prefill_seq_buckets = buckets(max_prefill_seqs)
+        shape = kv_cache_shape(self.cfg, num_pages, page_size)
+        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                   for _ in range(self.cfg.num_layers)]
+        self.num_compiles = 0
+        self._step = jax.jit(self._step_impl, static_argnums=(0, 5), donate_argnums=(2,))
+
+    # -- device side --------------------------------------------------------------------------
+    def _step_impl(self, graphdef, state, kv, ints, floats, layout: StepLayout):
+        self.num_compiles += 1  # runs only while tracing, i.e. once per compile
+        log.debug("compiling step %s", layout)
+        model = nnx.merge(graphdef, state)
+        i = _unpack(ints, layout.int_sizes())
+        f = _unpack(floats, [(n, layout.num_seqs) for n in FLOAT_FIELDS])
+        s, b = layout.num_seqs, layout.max_pages
+        meta = AttnMetadata(i["positions"], i["slot_mapping"], i["seq_idx"],
+                            i["block_tables"].reshape(s, b), i["context_lens"])
+        hidden, kv = model(i["tokens"], kv, meta, layout.decode)
+        logits = model.logits(hidden[i["logits_indices"]])
+        params = SamplingArrays(f["temperature"], i["top_k"], f["top_p"], f["min_p"],
+                                f["presence"], f["frequency"], f["repetition"], i["seed"],
+                                i["step"], i["min_tokens"], i["banned"].reshape(s, MAX_BANNED))
+        history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
+        tokens, lp, top_ids, top_lp = sample(
+            logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
+            history=history, num_prompt=i.get("num_prompt"))
+        out = {"tokens": tokens}
+        if layout.logprobs:
+            out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)
+        if layout.prompt_logprobs:
+            all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+            out["prompt_logprob"] = jnp.take_along_axis(all_lp, i["targets"][:, None], -1)[:, 0]
+            out["prompt_top_logprobs"], out["prompt_top_ids"] = jax.lax.top_k(all_lp, MAX_LOGPROBS)
+        return kv, out
+
+    # -- host side ----------------------------------------------------------------------------
+    def layout_for(self, batch: ScheduledBatch) -> StepLayout:
+        seqs = batch.seqs
+        if batch.decode:
+            t = s = pick(self.seq_buckets, len(seqs))
+        else:
+            t = pick(self.token_buckets, batch.num_tokens)
+            s = pick(self.prefill_seq_buckets, len(seqs))
+        p = [q.params for q in seqs]
+        penalties = self.max_model_len if any(x.uses_penalties for x in p) else 0
+        return StepLayout(
+            num_tokens=t, num_seqs=s, max_pages=self.max_pages, decode=batch.decode,
+            greedy_only=batch.decode and all(x.greedy for x in p),
+            logprobs=any(x.logprobs is not None for x in p), penalties=penalties,
+            prompt_logprobs=not batch.decode and any(
+                x.prompt_logprobs is not None and q.num_computed_tokens < q.num_prompt_tokens
+                for x, q in zip(p, seqs)))
+
+    def prepare(self, batch: ScheduledBatch, layout: StepLayout):
+        t, s, b = layout.num_tokens, layout.num_seqs, layout.max_pages
+        oob = self.num_pages * self.page_size
+        a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
+        a["slot_mapping"][:] = oob
+        a["seq_idx"][:] = s - 1
+        a["banned"][:] = -1
+        banned = a["banned"].reshape(s, MAX_BANNED)
+        tables = a["block_tables"].reshape(s, b)
+        fl = {n: np.zeros(s, np.float32) for n in FLOAT_FIELDS}
+        fl["top_p"][:] = 1.0
+        fl["repetition"][:] = 1.0
+        if layout.penalties:
+            a["history"][:] = -1
+            history = a["history"].reshape(s, layout.penalties)
+        off = 0
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n)
+            a["tokens"][off:off + n] = seq.token_ids[start:start + n]
+            a["positions"][off:off + n] = pos
+            table = np.asarray(seq.block_table, np.int32)
+            a["slot_mapping"][off:off + n] = table[pos // self.page_size] * self.page_size + (
+                pos % self.page_size)
+            a["seq_idx"][off:off + n] = row
+            tables[row, :len(table)] = table
+            a["context_lens"][row] = start + n
+            a["logits_indices"][row] = off + n - 1
+            if layout.prompt_logprobs:
+                tgt = seq.token_ids[start + 1:start + n + 1]
+                a["targets"][off:off + len(tgt)] = tgt
+            sp = seq.params
+            a["top_k"][row] = sp.top_k
+            a["seed"][row] = np.int64(seq.seed).astype(np.uint32).view(np.int32)
+            a["step"][row] = seq.num_output_tokens
+            a["min_tokens"][row] = sp.min_tokens
+            if sp.min_tokens:
+                ban = ([] if sp.ignore_eos else self.eos_ids) + sp.stop_token_ids
+                banned[row, :len(ban[:MAX_BANNED])] = ban[:MAX_BANNED]
+            fl["temperature"][row] = sp.temperature
+            fl["top_p"][row], fl["min_p"][row] = sp.top_p, sp.min_p
+            fl["presence"][row] = sp.presence_penalty
+            fl["frequency"][row] = sp.frequency_penalty
+            fl["repetition"][row] = sp.repetition_penalty
+            if layout.penalties:
+                history[row, :seq.num_tokens] = seq.token_ids
+                a["num_prompt"][row] = seq.num_prompt_tokens
+            off += n
+        ints = np.concatenate([a[name] for name, _ in layout.int_sizes()])
+        floats = np.concatenate([fl[n] for n in FLOAT_FIELDS])
+        return ints, floats
+
+    def run(self, batch: ScheduledBatch) -> dict:
+        """Dispatch the step; returns device arrays (read them with jax.device_get)."""
+        layout = self.layout_for(batch)
+        ints, floats = self.prepare(batch, layout)
+        self.kv, out = self._step(self.graphdef, self.state, self.kv, ints, floats, layout)
+        return out
+
+    def warmup(self):
+        """Compile every bucket the scheduler can produce (decode greedy and sampled)."""
+        layouts = [StepLayout(t, s, self.max_pages, False)
+                   for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
+        layouts += [StepLayout(s, s, self.max_pages, True, greedy)
+                    for s in self.seq_buckets for greedy in (True, False)]
+        empty = ScheduledBatch(False, [], [])
+        for layout in layouts:
+            ints, floats = self.prepare(empty, layout)
+            self.kv, out = self._step(self.graphdef, self.state, self.kv, ints, floats, layout)
+        jax.block_until_ready(self.kv)
+        return len(layouts)
