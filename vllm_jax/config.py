@@ -114,11 +114,15 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None = min(model's context, 4096)
     max_num_batched_tokens: int = 512
-    kvcache_mem_mb: int = 4096
+    kvcache_mem_mb: float = 4096
     page_size: int = 16
     quant: str | None = None
     dtype: str = "bf16"
-    device_ids: list[int] | None = None
+    device_ids: list[int] | None = None  # global ids of the "tp" mesh; None = one device
+    tensor_parallel_size: int | None = None  # the first N devices when no ids are given
+    coordinator_address: str | None = None  # multi-host: host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | xla | pallas

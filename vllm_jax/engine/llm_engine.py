@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
+from vllm_jax import parallel
 from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -45,8 +46,12 @@ class LLMEngine:
         from vllm_jax.loader.default_model import resolve_model_path
 
         self.config = config
-        if loaded is None:
-            loaded = load(resolve_model_path(config.model_path), config.dtype)
+        parallel.init_distributed(config.coordinator_address, config.num_processes,
+                                  config.process_id)
+        self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
+        if loaded is None:  # a `loaded` handed in must already sit on self.mesh
+            loaded = load(resolve_model_path(config.model_path), config.dtype, mesh=self.mesh,
+                          quant=config.quant)
         self.loaded = loaded
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -57,7 +62,7 @@ class LLMEngine:
         dtype = to_dtype(config.dtype)
         ps = config.page_size
         per_page = kv_cache_bytes_per_page(cfg, ps, np.dtype(dtype).itemsize)
-        num_pages = config.kvcache_mem_mb * 2**20 // per_page
+        num_pages = int(config.kvcache_mem_mb * 2**20 // per_page)
         if num_pages < -(-self.max_model_len // ps):
             raise ConfigError(
                 f"the KV cache ({config.kvcache_mem_mb} MB = {num_pages} pages of {ps} tokens) "
@@ -70,7 +75,7 @@ class LLMEngine:
         max_prefill_seqs = min(8, config.max_num_seqs)
         self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
                                   self.max_model_len, config.max_num_seqs, max_tokens,
-                                  max_prefill_seqs, dtype)
+                                  max_prefill_seqs, dtype, mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)
@@ -101,7 +106,7 @@ class LLMEngine:
                 seed = (params.seed * 1_000_003 + i) % 2**32
             seq = Sequence(ids, params, seed, request_id, i)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         req = Request(request_id, text, ids, params, seqs, detoks, [""] * params.n)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(ids)
@@ -198,6 +203,9 @@ class LLMEngine:
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
+        if reason is not None and stop is None or isinstance(stop, int):
+            detok.flush()
+            text = detok.text
         req.texts[seq.index] = text
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop

@@ -48,15 +48,15 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(bias) if bias is not None else None
 
     def fields(self) -> dict:
-        return {k: v.value for k, v in self.weight.items()}
+        return {k: v[...] for k, v in self.weight.items()}
 
     def __call__(self, x):
         if self.qtype is None:
-            y = x @ self.weight.value.T
+            y = x @ self.weight[...].T
         else:
             from vllm_jax.kernels import quant
             y = quant.qmatmul(x, self.fields(), self.qtype, self.cols).astype(x.dtype)
-        return y if self.bias is None else y + self.bias.value
+        return y if self.bias is None else y + self.bias[...]
 
 
 class Embedding(nnx.Module):
@@ -67,7 +67,7 @@ class Embedding(nnx.Module):
     def __call__(self, ids):
         lin = self.linear
         if lin.qtype is None:
-            return lin.weight.value[ids]
+            return lin.weight[...][ids]
         from vllm_jax.kernels import quant
         rows = {k: v[ids] for k, v in lin.fields().items()}
         return quant.dequantize(rows, lin.qtype, lin.cols, self.dtype)
@@ -81,7 +81,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value * x32.astype(x.dtype)
+        return self.weight[...] * x32.astype(x.dtype)
 
 
 def rotate(x, cos, sin):
@@ -93,8 +93,9 @@ def rotate(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, weights: Mapping, prefix: str):
+    def __init__(self, cfg: ModelConfig, weights: Mapping, prefix: str, backend: str = "auto"):
         self.cfg = cfg
+        self.backend = backend  # see paged_attention.attention_backend
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, p, Linear(weights, f"{prefix}.{p}"))
         if cfg.qk_norm:
@@ -113,12 +114,12 @@ class Attention(nnx.Module):
         k_cache, v_cache = pa.write_kv(*kv, k, v, meta.slot_mapping)
         scale = cfg.head_dim ** -0.5
         if decode:
-            o = pa.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                    scale=scale, sliding_window=cfg.sliding_window)
+            o = pa.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                          scale=scale, sliding_window=cfg.sliding_window, backend=self.backend)
         else:
-            o = pa.prefill_attention(q, k_cache, v_cache, meta.seq_idx, meta.positions,
-                                     meta.block_tables, meta.context_lens, scale=scale,
-                                     sliding_window=cfg.sliding_window)
+            o = pa.prefill(q, k_cache, v_cache, meta.seq_idx, meta.positions,
+                           meta.block_tables, meta.context_lens, scale=scale,
+                           sliding_window=cfg.sliding_window, backend=self.backend)
         return self.o_proj(o.reshape(t, -1)), (k_cache, v_cache)
 
 
@@ -133,10 +134,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, weights: Mapping, i: int):
+    def __init__(self, cfg: ModelConfig, weights: Mapping, i: int, attention_backend: str = "auto"):
         p = f"layers.{i}"
         self.input_layernorm = RMSNorm(weights, f"{p}.input_layernorm", cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, weights, f"{p}.self_attn")
+        self.self_attn = Attention(cfg, weights, f"{p}.self_attn", attention_backend)
         self.post_attention_layernorm = RMSNorm(weights, f"{p}.post_attention_layernorm",
                                                 cfg.rms_norm_eps)
         self.mlp = MLP(weights, f"{p}.mlp")
@@ -148,10 +149,12 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, weights: Mapping, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, weights: Mapping, dtype=jnp.float32,
+                 attention_backend: str = "auto"):
         self.cfg = cfg
         self.embed_tokens = Embedding(weights, "embed_tokens", dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, weights, i) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, weights, i, attention_backend)
+                                for i in range(cfg.num_layers)])
         self.norm = RMSNorm(weights, "norm", cfg.rms_norm_eps)
         head = "embed_tokens" if "lm_head.weight" not in weights else "lm_head"
         self.lm_head = self.embed_tokens.linear if head == "embed_tokens" else Linear(weights, head)

@@ -1,0 +1,116 @@
+"""Batching, preemption, prefix caching, chunked prefill and compile counts never change results."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_jax.config import EngineConfig
+from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def make_engine(path, **kw):
+    cfg = dict(model_path=str(path), dtype="f32", max_model_len=128, kvcache_mem_mb=4,
+               max_num_seqs=16)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def prompts(n, seed=0, lo=5, hi=60):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 300, rng.integers(lo, hi))] for _ in range(n)]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llama(model_dir):
+    return model_dir("llama")[0]
+
+
+@pytest.fixture(scope="module")
+def alone(llama):
+    """Each of 16 prompts run by itself."""
+    engine = make_engine(llama, enable_prefix_caching=False)
+    return {i: tokens(engine.generate([p], GREEDY))[0] for i, p in enumerate(prompts(16))}
+
+
+def test_batching_never_changes_results(llama, alone):
+    engine = make_engine(llama)
+    together = tokens(engine.generate(prompts(16), GREEDY))
+    assert together == [alone[i] for i in range(16)]
+
+
+def test_small_kv_cache_preempts_and_completes(llama, alone):
+    engine = make_engine(llama, kvcache_mem_mb=0.12)  # ~15 pages for 16 requests of ~5 pages
+    assert engine.block_manager.num_blocks < 40
+    outs = engine.generate(prompts(16), GREEDY)
+    assert tokens(outs) == [alone[i] for i in range(16)]
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_prefix_caching_reuses_pages_and_output(llama):
+    shared = prompts(1, seed=7, lo=70, hi=71)[0]
+    second = shared + [11, 12, 13]
+    cold = make_engine(llama, enable_prefix_caching=False)
+    expect = tokens(cold.generate([second], GREEDY))
+    engine = make_engine(llama)
+    engine.generate([shared], GREEDY)
+    hits_before = engine.block_manager.prefix_hits
+    out = engine.generate([second], GREEDY)
+    assert engine.block_manager.prefix_hits - hits_before == len(shared) // 16
+    assert out[0].num_cached_tokens == len(shared) // 16 * 16
+    assert tokens(out) == expect
+
+
+def test_chunked_prefill_matches_unchunked(llama):
+    ps = prompts(4, seed=3, lo=50, hi=100)
+    whole = tokens(make_engine(llama, max_num_batched_tokens=128).generate(ps, GREEDY))
+    chunked = tokens(make_engine(llama, max_num_batched_tokens=16).generate(ps, GREEDY))
+    assert chunked == whole
+
+
+def test_no_compiles_after_warmup(llama):
+    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64)
+    engine.warmup()
+    compiled = engine.num_compiles
+    mixed = [(p, GREEDY) for p in prompts(5, seed=5)]
+    mixed += [(p, SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=20, seed=1))
+              for p in prompts(3, seed=6, lo=60, hi=120)]
+    mixed += [(prompts(1, seed=8)[0], SamplingParams(n=2, temperature=1.0, max_tokens=12))]
+    outs = engine.generate([p for p, _ in mixed], [s for _, s in mixed])
+    assert all(o.finished for o in outs)
+    assert engine.num_compiles == compiled
+
+
+def test_stop_strings_max_tokens_and_eos(llama):
+    engine = make_engine(llama)
+    p = prompts(1, seed=9)[0]
+    full = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    text = full.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop and len(text) > 6
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.find(stop)]
+    assert full.outputs[0].finish_reason == "length" and len(full.outputs[0].token_ids) == 24
+    tok = full.outputs[0].token_ids[3]
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               stop_token_ids=[tok]))[0].outputs[0]
+    assert out.token_ids == full.outputs[0].token_ids[:4] and out.stop_reason == tok
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               stop_token_ids=[tok], min_tokens=10))[0]
+    assert tok not in out.outputs[0].token_ids[:10]
+
+
+def test_over_long_prompt_is_rejected(llama):
+    engine = make_engine(llama)
+    with pytest.raises(ValueError, match="maximum context length is 128 tokens"):
+        engine.add_request(list(range(3, 200)), GREEDY)
+    assert not engine.has_unfinished_requests()
