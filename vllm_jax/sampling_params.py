@@ -26,6 +26,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True
     stop_strings: tuple = field(init=False, default=())
 
     def __post_init__(self):

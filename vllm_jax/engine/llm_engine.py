@@ -185,7 +185,8 @@ class LLMEngine:
                 seq.output_logprobs.append((lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
-        detok.add(token)
+        if params.detokenize:
+            detok.add(token)
         text = detok.text
         reason = stop = None
         n_out = seq.num_output_tokens
@@ -203,7 +204,7 @@ class LLMEngine:
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
-        if reason is not None and stop is None or isinstance(stop, int):
+        if reason is not None and params.detokenize and not isinstance(stop, str):
             detok.flush()
             text = detok.text
         req.texts[seq.index] = text
