@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vllm_jax import parallel
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.models.llama import AttnMetadata, kv_cache_shape
 from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
@@ -24,6 +25,13 @@ INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_t
               "min_tokens:S", "banned:SX")
 MAX_BANNED = 8  # eos and stop_token_ids masked while a sequence is below min_tokens
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+
+
+def enable_compilation_cache(root):
+    """Keep compiled step functions on disk so the next start skips compiling them."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -71,7 +79,8 @@ def _unpack(flat, sizes):
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, dtype):
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, dtype,
+                 mesh=None):
         self.cfg = model.cfg
         self.eos_ids = list(eos_ids)
         self.graphdef, self.state = nnx.split(model)
@@ -83,10 +92,14 @@ class ModelRunner:
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
         self.prefill_seq_buckets = buckets(max_prefill_seqs)
         shape = kv_cache_shape(self.cfg, num_pages, page_size)
-        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        where = None if mesh is None else parallel.kv_cache_sharding(self.cfg, mesh)
+        self.kv = [(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))
                    for _ in range(self.cfg.num_layers)]
+        if mesh is not None:
+            parallel.log_device_bytes("KV cache", self.kv, mesh)
         self.num_compiles = 0
-        self._step = jax.jit(self._step_impl, static_argnums=(0, 5), donate_argnums=(2,))
+        self._step = parallel.under_mesh(
+            jax.jit(self._step_impl, static_argnums=(0, 5), donate_argnums=(2,)), mesh)
 
     # -- device side --------------------------------------------------------------------------
     def _step_impl(self, graphdef, state, kv, ints, floats, layout: StepLayout):
