@@ -34,7 +34,8 @@ def device_ids(s: str) -> list[int]:
 def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--w", "--weights", dest="w", metavar="PATH",
                    help="model folder (safetensors) or .gguf file; default: smollm2-135m")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
+                   help="compute dtype (auto: f32 on the CPU, bf16 on accelerators)")
     p.add_argument("--quant", help="quantize safetensors weights in situ (q4_0, q4k, q8_0, ...)")
     p.add_argument("--kvmem", type=positive(), default=4096, metavar="MB",
                    help="KV cache size in MB (default 4096)")

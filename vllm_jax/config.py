@@ -117,7 +117,7 @@ class EngineConfig:
     kvcache_mem_mb: float = 4096
     page_size: int = 16
     quant: str | None = None
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
     device_ids: list[int] | None = None  # global ids of the "tp" mesh; None = one device
     tensor_parallel_size: int | None = None  # the first N devices when no ids are given
     coordinator_address: str | None = None  # multi-host: host:port of process 0

@@ -48,8 +48,8 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached run of full pages, leaving >= 1 token to compute."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         hits, h = [], -1
         for i in range((seq.num_tokens - 1) // self.page_size):
             tokens = tuple(seq.page_tokens(i, self.page_size))

@@ -33,6 +33,9 @@ class LoadedModel:
 
 
 def to_dtype(name: str):
+    """"auto": float32 on the CPU (bf16 there is slow and costs small models accuracy), else bf16."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {name!r}; choose from bf16, f16, f32")
     return DTYPES[name]
@@ -45,6 +48,10 @@ def progress(total: int, desc: str):
 
 def _place_default(name: str, arr):
     return jax.device_put(arr)
+
+
+def _keep_on_host(name: str, arr):
+    return arr
 
 
 def load_safetensors(path: str, dtype, place: Callable = _place_default):
@@ -63,12 +70,25 @@ def load_safetensors(path: str, dtype, place: Callable = _place_default):
     return cfg, weights, tokenizer
 
 
-def load(path: str, dtype: str = "bf16", place: Callable = _place_default) -> LoadedModel:
+def load(path: str, dtype: str = "auto", place: Callable = _place_default,
+         mesh=None, quant: str | None = None) -> LoadedModel:
+    """With a mesh, weights stay on the host until the config is known, then each device
+    receives only its shards (vllm_jax.parallel)."""
     jdtype = to_dtype(dtype)
+    if mesh is not None:
+        place = _keep_on_host
     p = Path(path)
-    if p.is_dir():
+    # GGUF issue: quant= quantizes a safetensors folder in situ (loader/quantize.py)
+    from vllm_jax.loader.quantize import load_quantized, parse_quant
+    qtype = parse_quant(quant)
+    if p.is_dir() and qtype is not None:
+        cfg, weights, tokenizer = load_quantized(path, jdtype, place, qtype)
+    elif p.is_dir():
         cfg, weights, tokenizer = load_safetensors(path, jdtype, place)
     elif p.suffix == ".gguf" and p.is_file():
+        if qtype is not None:
+            raise ConfigError(f"{path}: --quant quantizes safetensors folders; a GGUF file "
+                              f"is already quantized")
         from vllm_jax.loader.gguf import load_gguf
         cfg, weights, tokenizer = load_gguf(path, jdtype, place)
     elif not p.exists():
@@ -79,8 +99,13 @@ def load(path: str, dtype: str = "bf16", place: Callable = _place_default) -> Lo
     if missing:
         raise ConfigError(f"{path}: missing weights: {', '.join(missing[:4])}"
                           + (" ..." if len(missing) > 4 else ""))
+    if mesh is not None:
+        from vllm_jax import parallel
+        cfg, weights = parallel.shard_model(weights, cfg, mesh)
+        parallel.log_device_bytes("weights", weights, mesh)
     model = LlamaForCausalLM(cfg, weights, jdtype)
-    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
+    # GGUF issue: skip a PackedWeight's qtype/cols leaves
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights) if hasattr(x, "nbytes"))
     log.info("weights: %.1f MiB on the device", nbytes / 2**20)
     return LoadedModel(cfg, model, tokenizer, str(path), nbytes)
 

@@ -1,0 +1,90 @@
+"""OpenAI-compatible HTTP server: `python -m vllm_jax.server --w PATH [--host H] [--port P]`.
+
+`serve(engine_config, host, port)` runs it (the CLI's --server calls it); `main(argv)` parses the
+engine flags of vllm_jax.cli plus the server's own.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vllm_jax.config import EngineConfig
+
+__all__ = ["add_server_args", "build_app", "build_parser", "main", "serve", "served_model_names"]
+
+
+def build_app(state):
+    from vllm_jax.server.app import build_app as build
+    return build(state)
+
+
+def add_server_args(p: argparse.ArgumentParser):
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send (default: the model path's basename)")
+    p.add_argument("--log-interval", type=float, default=5.0, metavar="S",
+                   help="seconds between stats log lines while busy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_jax.cli import add_engine_args
+
+    p = argparse.ArgumentParser(prog="python -m vllm_jax.server",
+                                description="Serve a model over the OpenAI API.")
+    add_engine_args(p)
+    add_server_args(p)
+    return p
+
+
+def served_model_names(config: EngineConfig, served_model_name: str | None = None) -> list[str]:
+    """The name /v1/models shows first; requests may also name the model path as given."""
+    from vllm_jax.loader.default_model import DEFAULT_MODEL
+
+    path = config.model_path
+    first = served_model_name or (Path(path.rstrip("/")).name if path else DEFAULT_MODEL)
+    return list(dict.fromkeys([first] + ([path] if path else [])))
+
+
+def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+          served_model_name: str | None = None, log_interval: float = 5.0) -> int:
+    """Start uvicorn at once (/health answers 503) and load the model in the engine thread."""
+    import uvicorn
+
+    from vllm_jax.server.serving import ServerState
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jax").setLevel(logging.WARNING)
+
+    def load():
+        from vllm_jax.engine.llm_engine import LLMEngine  # imports JAX: off the startup path
+        return LLMEngine(engine_config)
+
+    state = ServerState(load, served_model_names(engine_config, served_model_name), log_interval)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port,
+                                           timeout_graceful_shutdown=5))
+
+    def stop(error: BaseException):
+        server.should_exit = True
+
+    state.engine_thread.on_load_error = stop
+    server.run()
+    return 1 if state.engine_thread.error is not None else 0
+
+
+def main(argv=None) -> int:
+    from vllm_jax.cli import engine_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return serve(engine_config(args), args.host, args.port, args.served_model_name,
+                     args.log_interval)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,113 @@
+"""The interactive chat, driven through a pseudo-terminal; history trimming without one."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_jax.repl import Chat
+from vllm_jax.sampling_params import SamplingParams
+
+pexpect = pytest.importorskip("pexpect")
+# pexpect forks and at once execs the chat in a fresh interpreter: JAX's threads do not matter.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")
+
+STATS = r"\[ Prompt: [\d.]+ t/s \| Generation: [\d.]+ t/s \] \d+ of 512 context tokens left"
+
+
+@pytest.fixture
+def chat(model_dir):
+    path = model_dir("llama")[0]
+    script = ("import sys; from vllm_jax.repl import run_chat; "
+              "from vllm_jax import EngineConfig, SamplingParams; "
+              f"sys.exit(run_chat(EngineConfig(model_path={str(path)!r}, dtype='f32', "
+              "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2), "
+              "SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)))")
+    child = pexpect.spawn(sys.executable, ["-c", script], encoding="utf-8", timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "dumb"},
+                          dimensions=(50, 200))
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+def test_chat_in_a_terminal(chat):
+    chat.expect(">>> ")
+    chat.sendline("Hello there")
+    chat.expect(STATS)
+    chat.expect(">>> ")
+    chat.sendline("And a second question")
+    chat.expect(STATS)
+    chat.expect(">>> ")
+    chat.sendline("/regen")
+    chat.expect(STATS)
+    chat.expect(">>> ")
+    chat.sendline("/clear")
+    chat.expect(r"\(conversation cleared\)")
+    chat.expect(">>> ")
+    chat.sendline("Tell me a long story")
+    chat.expect("story\r\n")
+    chat.expect(r"\S")  # the answer has begun
+    time.sleep(0.3)
+    chat.sendintr()
+    chat.expect(r"\[stopped\]")
+    chat.expect(STATS)
+    chat.expect(">>> ")
+    chat.sendline("still here?")  # Ctrl+C stopped the answer, not the chat
+    chat.expect(STATS)
+    chat.expect(">>> ")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+@pytest.mark.parametrize("keys", ["ctrl-c twice", "ctrl-d"])
+def test_ctrl_c_twice_or_ctrl_d_at_the_prompt_exits(chat, keys):
+    chat.expect(">>> ")
+    if keys == "ctrl-d":
+        chat.sendeof()
+    else:
+        chat.sendintr()
+        chat.expect("Ctrl\\+C again")
+        chat.expect(">>> ")
+        chat.sendintr()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+class FakeEngine:
+    """One token per character of each message: enough to test the context arithmetic."""
+
+    max_model_len = 100
+
+    def encode_chat(self, messages):
+        return [0] * sum(len(m["content"]) + 2 for m in messages)
+
+
+def test_history_keeps_turns_that_fit_and_drops_the_oldest():
+    chat = Chat(FakeEngine(), SamplingParams(max_tokens=20), system="sys")
+    chat.turns += [{"role": "user", "content": "a" * 10},
+                   {"role": "assistant", "content": "b" * 10},
+                   {"role": "user", "content": "c" * 10}]
+    ids, dropped = chat.fit()
+    assert dropped == 0 and len(ids) == 5 + 36 and len(chat.turns) == 3
+    chat.turns += [{"role": "assistant", "content": "d" * 30},
+                   {"role": "user", "content": "e" * 10}]
+    ids, dropped = chat.fit()  # 5 + 80 > 100 - 20: the first user/assistant pair goes
+    assert dropped == 2 and [t["content"][0] for t in chat.turns] == ["c", "d", "e"]
+    assert len(ids) <= 80 and chat.context_left() == 100 - len(ids)
+
+
+def test_a_message_too_long_for_the_context_is_dropped():
+    from vllm_jax.repl import answer
+
+    chat = Chat(FakeEngine(), SamplingParams(max_tokens=20))
+    chat.turns.append({"role": "user", "content": "x" * 200})
+    out = SimpleNamespace(lines=[], write=lambda s: out.lines.append(s), flush=lambda: None)
+    assert answer(chat, out)
+    assert chat.turns == [] and "does not fit" in "".join(out.lines)

@@ -1,0 +1,226 @@
+"""In-situ quantization of safetensors checkpoints to GGUF block formats, cached on disk.
+
+The linear weights (q/k/v/o, gate/up/down, lm_head) are quantized; `embed_tokens` only when it
+is tied to the lm_head (an untied embedding is only gathered, so quantizing it would cost
+accuracy without speeding up any matmul). A weight whose in_features is not a multiple of the
+type's block falls back to Q8_0 (32-element blocks), then to staying dense.
+
+The result is cached with orbax under <cache_dir>/quant/<key>, the key hashing the source files
+(paths, sizes, mtimes) and the type, so the next start skips the quantization.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from vllm_jax.config import ConfigError, ModelConfig
+from vllm_jax.kernels import quant
+from vllm_jax.loader import progress
+from vllm_jax.loader import safetensors as st
+from vllm_jax.loader.default_model import cache_dir
+from vllm_jax.models.llama import PackedWeight
+
+log = logging.getLogger("vllm_jax")
+
+CACHE_VERSION = 1
+FALLBACK = "q8_0"
+ALIASES = {
+    "q4_0": "q4_0", "q40": "q4_0",
+    "q4_1": "q4_1", "q41": "q4_1", "q4": "q4_1",
+    "q5_0": "q5_0", "q50": "q5_0",
+    "q5_1": "q5_1", "q51": "q5_1", "q5": "q5_1",
+    "q8_0": "q8_0", "q80": "q8_0", "q8": "q8_0",
+    "q2_k": "q2_k", "q2k": "q2_k",
+    "q3_k": "q3_k", "q3k": "q3_k",
+    "q4_k": "q4_k", "q4k": "q4_k",
+    "q5_k": "q5_k", "q5k": "q5_k",
+    "q6_k": "q6_k", "q6k": "q6_k",
+}
+
+
+def parse_quant(name: str | None) -> str | None:
+    """A --quant value (any case, with or without the underscore) -> a quant.QTYPES key."""
+    if name is None:
+        return None
+    qtype = ALIASES.get(name.strip().lower())
+    if qtype is None:
+        names = {}
+        for alias, q in ALIASES.items():
+            names.setdefault(q, []).append(alias)
+        listing = ", ".join("/".join(a) for a in names.values())
+        raise ConfigError(f"unknown quantization type {name!r}; choose from {listing}")
+    return qtype
+
+
+def is_target(cfg: ModelConfig, name: str) -> bool:
+    if name.endswith("_proj.weight") or name == "lm_head.weight":
+        return True
+    return name == "embed_tokens.weight" and cfg.tie_word_embeddings
+
+
+def pick_qtype(shape: tuple, qtype: str) -> str | None:
+    """qtype if its blocks tile the rows, else the Q8_0 fallback, else None (stay dense)."""
+    if len(shape) != 2:
+        return None
+    for q in (qtype, FALLBACK):
+        if quant.can_quantize(shape, q):
+            return q
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# host weights: {name: QuantTensor | numpy array}
+
+
+def host_weights(path, qtype: str | None) -> tuple[ModelConfig, dict]:
+    """A safetensors folder -> (config, {name: quant.QuantTensor or numpy array}), quantizing the
+    target weights to `qtype` (None: everything dense) or restoring them from the cache."""
+    cfg = ModelConfig.from_dir(path)
+    files = st.checkpoint_files(path)
+    if qtype is None:
+        return cfg, dict(_read(files, skip=set()))
+    folder = cache_dir() / "quant" / cache_key(path, files, qtype)
+    cached = restore(folder)
+    if cached is not None:
+        log.info("loaded quantized weights from cache %s", folder)
+        return cfg, {**cached, **dict(_read(files, skip=set(cached)))}
+    out, fallbacks = {}, {}
+    names = [n for _, n in st.tensor_names(files) if st.canonical_name(n) is not None]
+    with progress(len(names), f"quantizing to {qtype}") as bar:
+        for name, arr in _read(files, skip=set()):
+            q = pick_qtype(arr.shape, qtype) if is_target(cfg, name) else None
+            if is_target(cfg, name) and q != qtype:
+                fallbacks[name] = q
+            out[name] = arr if q is None else quant.quantize(np.asarray(arr, np.float32), q)
+            bar.update()
+    if fallbacks:
+        n8 = sum(q is not None for q in fallbacks.values())
+        log.warning("%s needs in_features %% %d == 0: %d weights fall back to %s, %d stay dense "
+                    "(e.g. %s)", qtype, quant.QTYPES[qtype][0], n8, FALLBACK,
+                    len(fallbacks) - n8, next(iter(fallbacks)))
+    save(folder, {n: x for n, x in out.items() if isinstance(x, quant.QuantTensor)})
+    return cfg, out
+
+
+def _read(files: list[Path], skip: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, array) of every tensor not in `skip`, one at a time."""
+    for f in files:
+        try:
+            with safe_open(f, framework="np") as sf:
+                for name in sf.keys():
+                    canon = st.canonical_name(name)
+                    if canon is not None and canon not in skip:
+                        yield canon, sf.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{f}: cannot read safetensors file ({e})") from None
+
+
+def to_device(weights_host: dict, dtype, place: Callable) -> dict:
+    np_dtype = np.dtype(dtype)
+    out = {}
+    for name, x in weights_host.items():
+        if isinstance(x, quant.QuantTensor):
+            fields = quant.repack(x)
+            out[name] = PackedWeight(x.qtype, x.shape[1],
+                                     {k: place(f"{name}.{k}", v) for k, v in fields.items()})
+        else:
+            out[name] = place(name, np.asarray(x).astype(np_dtype))
+    return out
+
+
+def load_quantized(path: str, dtype, place: Callable, qtype: str):
+    """load()'s path for `quant=`: (config, device weights, tokenizer)."""
+    from vllm_jax.tokenizer import Tokenizer
+
+    cfg, host = host_weights(path, qtype)
+    counts = {}
+    for x in host.values():
+        if isinstance(x, quant.QuantTensor):
+            counts[x.qtype] = counts.get(x.qtype, 0) + 1
+    log.info("quantized weights: %s", ", ".join(f"{n} {q}" for q, n in counts.items()))
+    return cfg, to_device(host, dtype, place), Tokenizer.from_dir(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the orbax cache
+
+
+def cache_key(path, files: list[Path], qtype: str) -> str:
+    sources = sorted({Path(f).resolve() for f in files} | {(Path(path) / "config.json").resolve()})
+    stats = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sources]
+    text = json.dumps({"version": CACHE_VERSION, "qtype": qtype, "files": stats})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every step of a save at INFO through absl; keep the engine's log readable."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def save(folder: Path, tensors: dict[str, quant.QuantTensor]) -> None:
+    """Arrays through orbax, then meta.json last: a folder without it is an unfinished save."""
+    import orbax.checkpoint as ocp
+
+    keys = {name: f"t{i:05d}" for i, name in enumerate(sorted(tensors))}
+    meta = {"version": CACHE_VERSION,
+            "tensors": {n: {"key": keys[n], "qtype": t.qtype, "shape": list(t.shape)}
+                        for n, t in tensors.items()}}
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        with _quiet_orbax():
+            ocp.PyTreeCheckpointer().save((folder / "arrays").resolve(),
+                                          {keys[n]: t.raw for n, t in tensors.items()})
+        (folder / "meta.json").write_text(json.dumps(meta))
+        log.info("cached quantized weights in %s", folder)
+    except (OSError, ValueError) as e:
+        log.warning("could not cache the quantized weights in %s: %s", folder, e)
+
+
+def restore(folder: Path) -> dict[str, quant.QuantTensor] | None:
+    import orbax.checkpoint as ocp
+
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        with _quiet_orbax():
+            arrays = ocp.PyTreeCheckpointer().restore((folder / "arrays").resolve())
+        return {n: quant.QuantTensor(m["qtype"], tuple(m["shape"]), np.asarray(arrays[m["key"]]))
+                for n, m in meta["tensors"].items()}
+    except Exception as e:  # a damaged cache is only a slower start: quantize again
+        log.warning("ignoring the unreadable quantization cache %s: %s", folder, e)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# --save-gguf
+
+
+def save_engine_gguf(engine, path_out) -> None:
+    """Writes the model an engine runs (its --w folder, quantized as --quant says) as GGUF."""
+    from vllm_jax.loader.gguf_writer import save_gguf
+
+    src = Path(engine.loaded.path)
+    if not src.is_dir():
+        raise ConfigError(f"--save-gguf converts a Hugging Face model folder; {src} is not one")
+    cfg, host = host_weights(src, parse_quant(engine.config.quant))
+    save_gguf(path_out, cfg, host, src)
