@@ -294,7 +294,21 @@ def test_after_bad_requests_good_ones_are_answered(server, client, offline):
     assert engine_state(server[0])[1] == 0
 
 
-def test_client_disconnect_aborts_and_frees_pages(server):
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Make every engine step take >= 20 ms, so a request of 200 tokens outlasts the client
+    however fast this machine runs the tiny model."""
+    engine = server[0].engine_thread.call(lambda e: e)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
+def test_client_disconnect_aborts_and_frees_pages(server, slow_steps):
     state, url = server
     free, running, generated = engine_state(state)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
@@ -313,7 +327,7 @@ def test_client_disconnect_aborts_and_frees_pages(server):
     assert engine_state(state)[2] - generated < 150  # stopped well before max_tokens
 
 
-def test_non_streaming_client_disconnect_aborts_too(server):
+def test_non_streaming_client_disconnect_aborts_too(server, slow_steps):
     state, url = server
     free, _, generated = engine_state(state)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "temperature": 0,

@@ -43,6 +43,11 @@ def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--max-num-seqs", type=positive(), default=64, metavar="N")
     p.add_argument("--max-num-batched-tokens", type=positive(), default=512, metavar="N")
     p.add_argument("--d", type=device_ids, metavar="IDS", help="device ids, e.g. 0,1,2,3")
+    p.add_argument("--tp", type=positive(), metavar="N", help="tensor parallel over the first N devices")
+    p.add_argument("--coordinator-address", metavar="HOST:PORT", help="multi-host: process 0's address")
+    p.add_argument("--num-processes", type=positive(), metavar="N", help="multi-host: process count")
+    p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
 
@@ -52,7 +57,10 @@ def engine_config(args) -> EngineConfig:
                         kvcache_mem_mb=args.kvmem, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        device_ids=args.d, seed=args.seed,
+                        device_ids=args.d, tensor_parallel_size=args.tp,
+                        coordinator_address=args.coordinator_address,
+                        num_processes=args.num_processes, process_id=args.process_id,
+                        attention_backend=args.attention_backend, seed=args.seed,
                         enable_prefix_caching=not args.no_prefix_caching)
 
 
@@ -63,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help='prompts separated by "|", run as one batch')
     p.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
     p.add_argument("--max-tokens", "--max", dest="max_tokens", type=positive(), default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float,
+                   help="default: 0 (greedy) for --prompts, 0.7 for the chat")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch", type=positive(), metavar="N",
@@ -128,13 +137,17 @@ def main(argv=None):
             return serve(engine_config(args), args.host, args.port)
         if args.i:
             from vllm_jax.repl import run_chat
-            return run_chat(engine_config(args))
+            from vllm_jax.sampling_params import SamplingParams
+            chat_params = SamplingParams(temperature=0.7 if args.temperature is None else args.temperature,
+                                         top_k=args.top_k,
+                                         top_p=args.top_p, max_tokens=None)
+            return run_chat(engine_config(args), chat_params)
         if not args.prompts and not args.save_gguf:
             parser.error("nothing to do: pass --prompts, --i or --server")
         from vllm_jax.engine.llm_engine import LLMEngine
         from vllm_jax.sampling_params import SamplingParams
 
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
+        params = SamplingParams(temperature=args.temperature or 0.0, top_k=args.top_k,
                                 top_p=args.top_p, max_tokens=args.max_tokens)
         engine = LLMEngine(engine_config(args))
         if args.save_gguf:

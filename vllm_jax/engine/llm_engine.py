@@ -52,7 +52,7 @@ class LLMEngine:
         self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
         if loaded is None:  # a `loaded` handed in must already sit on self.mesh
             loaded = load(resolve_model_path(config.model_path), config.dtype, mesh=self.mesh,
-                          quant=config.quant)
+                          quant=config.quant, attention_backend=config.attention_backend)
         self.loaded = loaded
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer

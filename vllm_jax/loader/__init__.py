@@ -71,7 +71,7 @@ def load_safetensors(path: str, dtype, place: Callable = _place_default):
 
 
 def load(path: str, dtype: str = "auto", place: Callable = _place_default,
-         mesh=None, quant: str | None = None) -> LoadedModel:
+         mesh=None, quant: str | None = None, attention_backend: str = "auto") -> LoadedModel:
     """With a mesh, weights stay on the host until the config is known, then each device
     receives only its shards (vllm_jax.parallel)."""
     jdtype = to_dtype(dtype)
@@ -103,7 +103,7 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
         from vllm_jax import parallel
         cfg, weights = parallel.shard_model(weights, cfg, mesh)
         parallel.log_device_bytes("weights", weights, mesh)
-    model = LlamaForCausalLM(cfg, weights, jdtype)
+    model = LlamaForCausalLM(cfg, weights, jdtype, attention_backend)
     # GGUF issue: skip a PackedWeight's qtype/cols leaves
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights) if hasattr(x, "nbytes"))
     log.info("weights: %.1f MiB on the device", nbytes / 2**20)

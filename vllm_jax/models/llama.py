@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vllm_jax.config import ModelConfig
+from vllm_jax import parallel
 from vllm_jax.kernels import paged_attention as pa
+from vllm_jax.kernels import quant
 
 
 class PackedWeight(NamedTuple):
@@ -41,6 +43,7 @@ class Linear(nnx.Module):
         if isinstance(w, PackedWeight):
             self.qtype, self.cols = w.qtype, w.cols
             self.weight = nnx.Dict({k: nnx.Param(v) for k, v in w.fields.items()})
+            self.tp_dim = parallel.split_dim(next(iter(w.fields.values())))
         else:
             self.qtype, self.cols = None, w.shape[1]
             self.weight = nnx.Param(w)
@@ -54,8 +57,10 @@ class Linear(nnx.Module):
         if self.qtype is None:
             y = x @ self.weight[...].T
         else:
-            from vllm_jax.kernels import quant
-            y = quant.qmatmul(x, self.fields(), self.qtype, self.cols).astype(x.dtype)
+            matmul = quant.qmatmul
+            if jax.default_backend() == "gpu":  # a Pallas call: split by hand over the mesh
+                matmul = parallel.shard_qmatmul(matmul, self.tp_dim)
+            y = matmul(x, self.fields(), self.qtype, self.cols).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -68,7 +73,6 @@ class Embedding(nnx.Module):
         lin = self.linear
         if lin.qtype is None:
             return lin.weight[...][ids]
-        from vllm_jax.kernels import quant
         rows = {k: v[ids] for k, v in lin.fields().items()}
         return quant.dequantize(rows, lin.qtype, lin.cols, self.dtype)
 
@@ -113,13 +117,13 @@ class Attention(nnx.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache, v_cache = pa.write_kv(*kv, k, v, meta.slot_mapping)
         scale = cfg.head_dim ** -0.5
-        if decode:
-            o = pa.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                          scale=scale, sliding_window=cfg.sliding_window, backend=self.backend)
-        else:
-            o = pa.prefill(q, k_cache, v_cache, meta.seq_idx, meta.positions,
-                           meta.block_tables, meta.context_lens, scale=scale,
-                           sliding_window=cfg.sliding_window, backend=self.backend)
+        attend = pa.decode if decode else pa.prefill
+        if pa.attention_backend(self.backend) != "xla":  # a Pallas call: split by hand
+            attend = parallel.shard_heads(attend, cfg)
+        args = ((meta.block_tables, meta.context_lens) if decode else
+                (meta.seq_idx, meta.positions, meta.block_tables, meta.context_lens))
+        o = attend(q, k_cache, v_cache, *args, scale=scale, sliding_window=cfg.sliding_window,
+                   backend=self.backend)
         return self.o_proj(o.reshape(t, -1)), (k_cache, v_cache)
 
 
