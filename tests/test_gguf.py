@@ -232,7 +232,7 @@ def test_q8_0_gguf_stays_quantized_and_computes_its_dequantized_model(tiny, arch
     rounding). Against the f32 model itself only quantization noise remains: measured max 4%,
     mean 0.6% of the logit range for these random tiny models (no structure to preserve)."""
     folder, _, path = tiny(arch, "q8_0")
-    ref, got = load(str(folder), "f32"), load(str(path), "f32")
+    ref, got = load(str(folder), "f32"), load(str(path), "f32", keep_quantized=True)
     assert got.model.layers[0].self_attn.q_proj.qtype == "q8_0"
     assert got.model.embed_tokens.linear.qtype == "q8_0"
     assert got.weight_bytes < 0.35 * ref.weight_bytes  # 34 bytes per 32 weights vs 4 per weight
@@ -320,11 +320,14 @@ def smollm2_run(smollm2, smollm2_hf):
                     ["input_ids"]) for c in CHATS]
     passage = tok.encode(PASSAGE)
     engine = LLMEngine(EngineConfig(model_path=str(smollm2), dtype="f32", max_model_len=256,
-                                    kvcache_mem_mb=16, max_num_seqs=4))
+                                    kvcache_mem_mb=16, max_num_seqs=4, keep_quantized=True))
+    return (engine, prompts, passage) + (_greedy_and_passage(engine, prompts, passage),)
+
+
+def _greedy_and_passage(engine, prompts, passage):
     params = [SamplingParams(temperature=0, max_tokens=STEPS)] * len(prompts)
     params.append(SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    outs = engine.generate(prompts + [passage], params)
-    return engine, prompts, passage, outs
+    return engine.generate(prompts + [passage], params)
 
 
 def test_smollm2_weights_stay_quantized(smollm2_run, smollm2):
@@ -332,6 +335,23 @@ def test_smollm2_weights_stay_quantized(smollm2_run, smollm2):
     assert loaded.model.layers[0].mlp.up_proj.qtype == "q4_1"
     assert loaded.model.embed_tokens.linear.qtype == "q8_0"  # tied: also the lm_head
     assert 0.9 < loaded.weight_bytes / smollm2.stat().st_size < 1.05
+
+
+def test_smollm2_unpacked_on_the_cpu_by_default_computes_the_same(smollm2_run, smollm2):
+    """The CPU default unpacks the blocks at load (gguf-py's dequantization): same tokens, and
+    prompt logprobs equal to f32 rounding, as the packed path that the tests above pin to
+    transformers."""
+    engine = LLMEngine(EngineConfig(model_path=str(smollm2), dtype="f32", max_model_len=256,
+                                    kvcache_mem_mb=16, max_num_seqs=4))
+    assert engine.loaded.model.layers[0].mlp.up_proj.qtype is None
+    assert engine.loaded.weight_bytes > 3 * smollm2.stat().st_size
+    _, prompts, passage, packed = smollm2_run
+    unpacked = _greedy_and_passage(engine, prompts, passage)
+    for a, b in zip(packed[:-1], unpacked[:-1]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    lp_a, lp_b = ([out[-1].prompt_logprobs[p][passage[p]].logprob for p in range(1, len(passage))]
+                  for out in (packed, unpacked))
+    np.testing.assert_allclose(lp_b, lp_a, atol=1e-4)
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_run, smollm2_hf):

@@ -195,7 +195,7 @@ def test_save_gguf_keeps_packed_bytes_for_every_arch(model_dir, tmp_path):
         cfg, host = host_weights(path, qtype)
         out = tmp_path / f"{arch}.gguf"
         save_gguf(out, cfg, host, path)
-        a, b = load(str(path), "f32", quant=qtype), load(str(out), "f32")
+        a, b = load(str(path), "f32", quant=qtype), load(str(out), "f32", keep_quantized=True)
         assert b.config.sliding_window == a.config.sliding_window
         np.testing.assert_allclose(b.config.inv_freq(), a.config.inv_freq(), rtol=1e-6)
         for la, lb in zip(a.model.layers, b.model.layers):

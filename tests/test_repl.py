@@ -21,7 +21,11 @@ STATS = r"\[ Prompt: [\d.]+ t/s \| Generation: [\d.]+ t/s \] \d+ of 512 context 
 @pytest.fixture
 def chat(model_dir):
     path = model_dir("llama")[0]
-    script = ("import sys; from vllm_jax.repl import run_chat; "
+    # every engine step takes >= 10 ms, so an answer of 100 tokens outlasts the 0.3 s before
+    # the Ctrl+C below however fast this machine runs the tiny model
+    script = ("import sys, time; from vllm_jax.repl import run_chat; "
+              "from vllm_jax.engine.llm_engine import LLMEngine; step = LLMEngine.step; "
+              "LLMEngine.step = lambda self: (time.sleep(0.01), step(self))[1]; "
               "from vllm_jax import EngineConfig, SamplingParams; "
               f"sys.exit(run_chat(EngineConfig(model_path={str(path)!r}, dtype='f32', "
               "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2), "

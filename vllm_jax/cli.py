@@ -48,6 +48,8 @@ def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--num-processes", type=positive(), metavar="N", help="multi-host: process count")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--keep-quantized", action="store_const", const=True,
+                   help="keep GGUF weights packed on the CPU too (less memory, slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
 
@@ -61,6 +63,7 @@ def engine_config(args) -> EngineConfig:
                         coordinator_address=args.coordinator_address,
                         num_processes=args.num_processes, process_id=args.process_id,
                         attention_backend=args.attention_backend, seed=args.seed,
+                        keep_quantized=args.keep_quantized,
                         enable_prefix_caching=not args.no_prefix_caching)
 
 

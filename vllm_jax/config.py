@@ -126,5 +126,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | xla | pallas
-    decode_steps: int = 1  # decode steps per dispatch when nothing waits to prefill
+    # GGUF weights: None = packed on accelerators, unpacked to dtype at load on the CPU, where
+    # XLA cannot fuse the unpacking into the matmul (5x slower than dense there)
+    keep_quantized: bool | None = None
     extra: dict = field(default_factory=dict)

@@ -52,7 +52,8 @@ class LLMEngine:
         self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
         if loaded is None:  # a `loaded` handed in must already sit on self.mesh
             loaded = load(resolve_model_path(config.model_path), config.dtype, mesh=self.mesh,
-                          quant=config.quant, attention_backend=config.attention_backend)
+                          quant=config.quant, attention_backend=config.attention_backend,
+                          keep_quantized=config.keep_quantized)
         self.loaded = loaded
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer

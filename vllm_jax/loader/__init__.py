@@ -71,9 +71,10 @@ def load_safetensors(path: str, dtype, place: Callable = _place_default):
 
 
 def load(path: str, dtype: str = "auto", place: Callable = _place_default,
-         mesh=None, quant: str | None = None, attention_backend: str = "auto") -> LoadedModel:
+         mesh=None, quant: str | None = None, attention_backend: str = "auto",
+         keep_quantized: bool | None = None) -> LoadedModel:
     """With a mesh, weights stay on the host until the config is known, then each device
-    receives only its shards (vllm_jax.parallel)."""
+    receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig."""
     jdtype = to_dtype(dtype)
     if mesh is not None:
         place = _keep_on_host
@@ -90,7 +91,9 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
             raise ConfigError(f"{path}: --quant quantizes safetensors folders; a GGUF file "
                               f"is already quantized")
         from vllm_jax.loader.gguf import load_gguf
-        cfg, weights, tokenizer = load_gguf(path, jdtype, place)
+        if keep_quantized is None:
+            keep_quantized = jax.default_backend() != "cpu"
+        cfg, weights, tokenizer = load_gguf(path, jdtype, place, keep_quantized)
     elif not p.exists():
         raise ConfigError(f"{path}: no such model file or folder")
     else:

@@ -223,10 +223,10 @@ def _dense(t) -> np.ndarray:
     return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
 
 
-def _weight(t, name: str, cfg: ModelConfig, np_dtype, place: Callable, path):
+def _weight(t, name: str, cfg: ModelConfig, np_dtype, place: Callable, path, keep: bool):
     heads = qk_heads(cfg, name)
     fix = (lambda x: unpermute_rows(x, heads)) if heads else (lambda x: x)
-    if t.tensor_type in DENSE or len(t.shape) == 1 or "norm" in name:
+    if t.tensor_type in DENSE or len(t.shape) == 1 or "norm" in name or not keep:
         return place(name, np.ascontiguousarray(fix(_dense(t))).astype(np_dtype))
     try:
         qtype = quant.qtype_name(t.tensor_type)
@@ -240,7 +240,8 @@ def _weight(t, name: str, cfg: ModelConfig, np_dtype, place: Callable, path):
     return PackedWeight(qtype, cols, {k: place(f"{name}.{k}", v) for k, v in fields.items()})
 
 
-def load_gguf(path: str, dtype, place: Callable):
+def load_gguf(path: str, dtype, place: Callable, keep_quantized: bool = True):
+    """keep_quantized=False unpacks quantized tensors to dtype (gguf-py's dequantization)."""
     from vllm_jax.loader import progress
     from vllm_jax.tokenizer import Tokenizer
 
@@ -255,7 +256,8 @@ def load_gguf(path: str, dtype, place: Callable):
                 skipped.append(t.name)
             else:
                 try:
-                    weights[name] = _weight(t, name, cfg, np_dtype, place, path)
+                    weights[name] = _weight(t, name, cfg, np_dtype, place, path,
+                                            keep_quantized)
                 except (ValueError, IndexError) as e:
                     raise ConfigError(f"{path}: corrupt tensor {t.name} ({e})") from None
             bar.update()
@@ -264,8 +266,10 @@ def load_gguf(path: str, dtype, place: Callable):
         log.warning("%s: ignoring %d tensors the model does not use: %s", path, len(skipped),
                     ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))
     types = sorted({t.tensor_type.name for t in reader.tensors})
-    log.info("%s: %s tensors, %.1f MiB file, %.1f MiB of weights on the device", Path(path).name,
-             "/".join(types), Path(path).stat().st_size / 2**20, weight_bytes(weights) / 2**20)
+    log.info("%s: %s tensors, %.1f MiB file, %.1f MiB of weights on the device%s",
+             Path(path).name, "/".join(types), Path(path).stat().st_size / 2**20,
+             weight_bytes(weights) / 2**20, "" if keep_quantized else
+             f" (unpacked to {np_dtype.name}; --keep-quantized keeps the GGUF blocks)")
     return cfg, weights, Tokenizer.from_gguf(reader, path)
 
 

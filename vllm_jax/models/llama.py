@@ -55,7 +55,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         if self.qtype is None:
-            y = x @ self.weight[...].T
+            y = jax.lax.dot_general(x, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())))
         else:
             matmul = quant.qmatmul
             if jax.default_backend() == "gpu":  # a Pallas call: split by hand over the mesh

@@ -88,7 +88,9 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages = -(-max_model_len // page_size)
         self.max_model_len = max_model_len
-        self.seq_buckets = buckets(max_num_seqs)
+        # never one row: XLA rewrites a 1-row step (matrix-vector dots, a 1-slot cache write)
+        # into forms that copy every weight and the whole KV cache, 2x slower than 2 rows
+        self.seq_buckets = buckets(max(max_num_seqs, 2), start=2)
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
         self.prefill_seq_buckets = buckets(max_prefill_seqs)
         shape = kv_cache_shape(self.cfg, num_pages, page_size)
