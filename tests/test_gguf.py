@@ -320,7 +320,7 @@ def smollm2_run(smollm2, smollm2_hf):
                     ["input_ids"]) for c in CHATS]
     passage = tok.encode(PASSAGE)
     engine = LLMEngine(EngineConfig(model_path=str(smollm2), dtype="f32", max_model_len=256,
-                                    kvcache_mem_mb=16, max_num_seqs=4, keep_quantized=True))
+                                    kvcache_mem_mb=16, max_num_seqs=4))  # packed by default
     return (engine, prompts, passage) + (_greedy_and_passage(engine, prompts, passage),)
 
 
@@ -337,12 +337,12 @@ def test_smollm2_weights_stay_quantized(smollm2_run, smollm2):
     assert 0.9 < loaded.weight_bytes / smollm2.stat().st_size < 1.05
 
 
-def test_smollm2_unpacked_on_the_cpu_by_default_computes_the_same(smollm2_run, smollm2):
-    """The CPU default unpacks the blocks at load (gguf-py's dequantization): same tokens, and
-    prompt logprobs equal to f32 rounding, as the packed path that the tests above pin to
-    transformers."""
+def test_smollm2_unpacked_weights_compute_the_same(smollm2_run, smollm2):
+    """keep_quantized=False unpacks the blocks at load (gguf-py's dequantization) and runs XLA's
+    dense dots: same tokens, and prompt logprobs equal to f32 rounding, as the packed path
+    (the CPU kernel here) that the tests above pin to transformers."""
     engine = LLMEngine(EngineConfig(model_path=str(smollm2), dtype="f32", max_model_len=256,
-                                    kvcache_mem_mb=16, max_num_seqs=4))
+                                    kvcache_mem_mb=16, max_num_seqs=4, keep_quantized=False))
     assert engine.loaded.model.layers[0].mlp.up_proj.qtype is None
     assert engine.loaded.weight_bytes > 3 * smollm2.stat().st_size
     _, prompts, passage, packed = smollm2_run

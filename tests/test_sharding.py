@@ -182,16 +182,14 @@ def _forward_logits(engine, prompt):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-
     from vllm_jax.models.llama import AttnMetadata
 
     r = engine.runner
     n = len(prompt)
 
     @functools.partial(jax.jit, static_argnums=4)
-    def step(state, kv, tokens, meta, decode):
-        model = nnx.merge(r.graphdef, state)
+    def step(leaves, kv, tokens, meta, decode):
+        model = r.model(leaves)
         hidden, kv = model(tokens, kv, meta, decode)
         return model.logits(hidden), kv
 
@@ -201,9 +199,10 @@ def _forward_logits(engine, prompt):
                             np.asarray([lens], np.int32))
 
     with jax.set_mesh(engine.mesh) if engine.mesh else contextlib.nullcontext():
-        pre, kv = step(r.state, r.kv, np.asarray(prompt, np.int32), meta(range(n), n), False)
+        kv = list(zip(r.kv[0::2], r.kv[1::2]))
+        pre, kv = step(r.leaves, kv, np.asarray(prompt, np.int32), meta(range(n), n), False)
         nxt = np.asarray([int(jnp.argmax(pre[-1]))], np.int32)
-        dec, _ = step(r.state, kv, nxt, meta([n], n + 1), True)
+        dec, _ = step(r.leaves, kv, nxt, meta([n], n + 1), True)
     return np.concatenate([np.asarray(pre), np.asarray(dec)])
 
 
@@ -220,8 +219,7 @@ def _collectives(engine) -> dict:
     layout = StepLayout(1, 1, r.max_pages, True, greedy_only=True)
     ints, floats = r.prepare(ScheduledBatch(True, [], []), layout)
     with jax.set_mesh(engine.mesh):
-        hlo = r._step.__wrapped__.lower(r.graphdef, r.state, r.kv, ints, floats,
-                                        layout).compile().as_text()
+        hlo = r._step.__wrapped__.lower(r.leaves, r.kv, ints, floats, layout).compile().as_text()
     pattern = r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     return dict(collections.Counter(re.findall(pattern + r"(?:-start)?\(", hlo)))
 
@@ -275,7 +273,11 @@ def _shard_map_diffs() -> dict:
     q = rng.standard_normal((seqs, 8, 16)).astype(np.float32)
     tables = rng.permutation(pages)[:12].reshape(seqs, 4).astype(np.int32)
     lens = np.array([40, 7, 64], np.int32)
+    from vllm_jax.kernels import cpu
+
     kernels = {"xla": pa.decode_attention}
+    if cpu.available():
+        kernels["cpu"] = cpu.decode_attention
     if hasattr(pa, "decode_attention_pallas"):
         kernels["pallas_interpret"] = functools.partial(pa.decode_attention_pallas,
                                                         interpret=True)
@@ -292,7 +294,7 @@ def _shard_map_diffs() -> dict:
     w = rng.standard_normal((64, 128)).astype(np.float32)  # q4_0: 4 blocks of 32 per row
     fields = {k: jnp.asarray(v) for k, v in quant.repack(quant.quantize(w, "q4_0")).items()}
     x = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
-    for backend in ("xla", "pallas_interpret"):
+    for backend in ("xla", "pallas_interpret") + (("cpu",) if cpu.available() else ()):
         fn = functools.partial(quant.qmatmul, backend=backend)
         want = fn(x, fields, "q4_0", 128)
         for dim in (0, 1):

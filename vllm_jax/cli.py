@@ -47,7 +47,7 @@ def add_engine_args(p: argparse.ArgumentParser):
     p.add_argument("--coordinator-address", metavar="HOST:PORT", help="multi-host: process 0's address")
     p.add_argument("--num-processes", type=positive(), metavar="N", help="multi-host: process count")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cpu", "pallas"])
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed on the CPU too (less memory, slower)")
     p.add_argument("--seed", type=int, default=0)

@@ -125,8 +125,9 @@ class EngineConfig:
     process_id: int | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | xla | pallas
-    # GGUF weights: None = packed on accelerators, unpacked to dtype at load on the CPU, where
-    # XLA cannot fuse the unpacking into the matmul (5x slower than dense there)
+    attention_backend: str = "auto"  # auto | xla | cpu | pallas
+    # GGUF weights: None = packed where a fused kernel multiplies them (Pallas on GPUs, the C++
+    # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse
+    # the unpacking into the matmul: 5x slower than dense there)
     keep_quantized: bool | None = None
     extra: dict = field(default_factory=dict)

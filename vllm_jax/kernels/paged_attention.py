@@ -5,8 +5,9 @@ A token's KV lives at slot = page * page_size + offset; slot_mapping entries pas
 (padding rows) are dropped on write.
 
 `decode` and `prefill` pick an implementation by backend name (see `attention_backend`):
-"xla" (the reference, used on CPU/Metal and as the test oracle), "pallas" (GPU, Triton
-lowering) or "pallas_interpret" (the Pallas kernels run by the interpreter, for tests on CPU).
+"xla" (the reference, used on Metal and as the test oracle), "cpu" (decode by the C++ kernel
+in cpu_attention.cc, prefill by XLA), "pallas" (GPU, Triton lowering) or "pallas_interpret"
+(the Pallas kernels run by the interpreter, for tests on CPU).
 
 Both XLA functions walk the context in chunks of pages with an online softmax, looping only as
 far as the longest context in the batch (a while loop with a traced trip count), so cost follows
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CHUNK_TOKENS = 512
+CHUNK_TOKENS = 512  # keys per loop step of prefill
+DECODE_CHUNK_TOKENS = 128  # of decode: one query per row, so a chunk is mostly gather cost
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
@@ -37,8 +39,8 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     return put(k_cache, k), put(v_cache, v)
 
 
-def _chunking(block_tables, page_size):
-    pages_per_chunk = max(1, min(block_tables.shape[1], CHUNK_TOKENS // page_size))
+def _chunking(block_tables, page_size, chunk_tokens=CHUNK_TOKENS):
+    pages_per_chunk = max(1, min(block_tables.shape[1], chunk_tokens // page_size))
     pad = -block_tables.shape[1] % pages_per_chunk
     if pad:
         block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
@@ -72,7 +74,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale,
     kvh, _, page_size, hd = k_cache.shape
     s, h, _ = q.shape
     g = h // kvh
-    block_tables, ppc = _chunking(block_tables, page_size)
+    block_tables, ppc = _chunking(block_tables, page_size, DECODE_CHUNK_TOKENS)
     chunk = ppc * page_size
     qg = q.reshape(s, kvh, g, hd).astype(jnp.float32) * scale  # [S, kvh, G, hd]
     qpos = context_lens - 1
@@ -133,15 +135,21 @@ def prefill_attention(q, k_cache, v_cache, seq_idx, positions, block_tables, con
 
 # -- backend choice -------------------------------------------------------------------------------
 
-BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
 
 
 def attention_backend(name: str = "auto") -> str:
-    """Resolve a backend name: "auto" is "pallas" on GPU and "xla" elsewhere."""
+    """Resolve a backend name: "auto" is "pallas" on GPU, "cpu" (the C++ decode kernel, XLA's
+    prefill) on the CPU where that kernel builds, and "xla" elsewhere."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        from vllm_jax.kernels import cpu
+
+        platform = jax.default_backend()
+        if platform == "gpu":
+            return "pallas"
+        return "cpu" if platform == "cpu" and cpu.available() else "xla"
     return name
 
 
@@ -157,14 +165,22 @@ def pallas_unsupported(k_cache) -> str | None:
     return None
 
 
+def cpu_unsupported(k_cache) -> str | None:
+    if k_cache.dtype != jnp.float32:
+        return f"cache dtype {k_cache.dtype} is not float32"
+    hd = k_cache.shape[-1]
+    return None if hd % 8 == 0 and hd <= 256 else f"head_dim {hd} is not a multiple of 8 <= 256"
+
+
 def _resolve(backend: str, k_cache) -> str:
     name = attention_backend(backend)
-    problem = None if name == "xla" else pallas_unsupported(k_cache)
+    check = {"xla": lambda _: None, "cpu": cpu_unsupported}.get(name, pallas_unsupported)
+    problem = check(k_cache)
     if problem is None:
         return name
     if backend == "auto":
         return "xla"
-    raise ValueError(f"Pallas paged attention: {problem}")
+    raise ValueError(f"{name} paged attention: {problem}")
 
 
 def decode(q, k_cache, v_cache, block_tables, context_lens, *, scale, sliding_window=None,
@@ -174,6 +190,11 @@ def decode(q, k_cache, v_cache, block_tables, context_lens, *, scale, sliding_wi
     if name == "xla":
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale,
                                 sliding_window=sliding_window)
+    if name == "cpu":
+        from vllm_jax.kernels import cpu
+
+        return cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                    scale=scale, sliding_window=sliding_window)
     return decode_attention_pallas(q, k_cache, v_cache, block_tables, context_lens, scale=scale,
                                    sliding_window=sliding_window,
                                    interpret=name == "pallas_interpret")
@@ -183,7 +204,7 @@ def prefill(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens,
             sliding_window=None, backend: str = "auto"):
     """prefill_attention on the chosen backend (XLA where "auto" cannot use Pallas)."""
     name = _resolve(backend, k_cache)
-    if name == "xla":
+    if name in ("xla", "cpu"):  # no CPU prefill kernel: XLA's batched dots do well there
         return prefill_attention(q, k_cache, v_cache, seq_idx, positions, block_tables,
                                  context_lens, scale=scale, sliding_window=sliding_window)
     return prefill_attention_pallas(q, k_cache, v_cache, seq_idx, positions, block_tables,

@@ -218,23 +218,40 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
     return w.reshape(r, cols).astype(dtype)
 
 
+def default_backend() -> str:
+    """pallas on GPUs, the C++ kernel on the CPU when it builds, XLA otherwise (Metal)."""
+    platform = jax.default_backend()
+    if platform == "gpu":
+        return "pallas"
+    if platform == "cpu":
+        from vllm_jax.kernels import cpu
+
+        if cpu.available():
+            return "cpu"
+    return "xla"
+
+
 def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto"):
-    """x [..., cols] @ W.T -> [..., rows]. backend: auto | xla | pallas | pallas_interpret."""
+    """x [..., cols] @ W.T -> [..., rows]. backend: auto | xla | cpu | pallas | pallas_interpret."""
     if backend == "auto":
-        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        backend = default_backend()
     rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
+    dims = (((1,), (1,)), ((), ()))
     if backend == "xla":
         w = dequantize(fields, qtype, cols, dtype=x.dtype)
-        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)
+    elif backend == "cpu":
+        from vllm_jax.kernels import cpu
+
+        y = cpu.qmatmul(x2, fields, qtype)
     elif backend in ("pallas", "pallas_interpret"):
         from vllm_jax.kernels.quant_pallas import fused_qmatmul
 
         y = fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
     else:
         raise ValueError(f"unknown qmatmul backend {backend!r}")
-    return y.reshape(*x.shape[:-1], rows)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
             raise ConfigError(f"{path}: --quant quantizes safetensors folders; a GGUF file "
                               f"is already quantized")
         from vllm_jax.loader.gguf import load_gguf
-        if keep_quantized is None:
-            keep_quantized = jax.default_backend() != "cpu"
+        if keep_quantized is None:  # only XLA's path (Metal, or no C++ compiler) unpacks
+            from vllm_jax.kernels.quant import default_backend
+            keep_quantized = default_backend() != "xla"
         cfg, weights, tokenizer = load_gguf(path, jdtype, place, keep_quantized)
     elif not p.exists():
         raise ConfigError(f"{path}: no such model file or folder")

@@ -58,7 +58,7 @@ class Linear(nnx.Module):
             y = jax.lax.dot_general(x, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())))
         else:
             matmul = quant.qmatmul
-            if jax.default_backend() == "gpu":  # a Pallas call: split by hand over the mesh
+            if quant.default_backend() != "xla":  # a kernel call: split by hand over the mesh
                 matmul = parallel.shard_qmatmul(matmul, self.tp_dim)
             y = matmul(x, self.fields(), self.qtype, self.cols).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...]
@@ -118,7 +118,7 @@ class Attention(nnx.Module):
         k_cache, v_cache = pa.write_kv(*kv, k, v, meta.slot_mapping)
         scale = cfg.head_dim ** -0.5
         attend = pa.decode if decode else pa.prefill
-        if pa.attention_backend(self.backend) != "xla":  # a Pallas call: split by hand
+        if pa.attention_backend(self.backend) != "xla":  # a kernel call: split by hand
             attend = parallel.shard_heads(attend, cfg)
         args = ((meta.block_tables, meta.context_lens) if decode else
                 (meta.seq_idx, meta.positions, meta.block_tables, meta.context_lens))

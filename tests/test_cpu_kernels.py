@@ -1,0 +1,89 @@
+"""The C++ CPU kernels (kernels/cpu_*.cc, XLA FFI calls): the quantized matmul and dequantizer
+against gguf-py's dequantization, and paged decode attention against the XLA reference and a
+float64 softmax, with NaN in every cache slot outside a sequence's context."""
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_paged_attention import SCALE, decode_case, dense_attention
+from vllm_jax.kernels import cpu
+from vllm_jax.kernels import paged_attention as pa
+from vllm_jax.kernels.quant import QTYPES, qmatmul, quantize, repack
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
+ALL = list(QTYPES)
+
+
+def _case(qtype, rows, seed):
+    elems = QTYPES[qtype][0]
+    cols = 2 * elems if elems == 256 else 6 * elems
+    rng = np.random.default_rng(seed)
+    qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    want = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
+    return {k: jnp.asarray(v) for k, v in repack(qt).items()}, want, cols
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_weights_are_bit_exact_with_gguf_py(qtype):
+    fields, want, cols = _case(qtype, 37, 1)  # 37 rows: ragged for the 4- and 6-row groups
+    # x = I: each product is one weight times 1 plus exact zeros, so the kernel's weights come
+    # out bit for bit (cols tokens: the sliced many-token path; one row: the few-token paths)
+    eye = np.eye(cols, dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(cpu.qmatmul(jnp.asarray(eye), fields, qtype)).T,
+                                  want)
+    for i in (0, cols // 2 + 3):
+        one = np.asarray(cpu.qmatmul(jnp.asarray(eye[i:i + 1]), fields, qtype))
+        np.testing.assert_array_equal(one[0], want[:, i])
+
+
+@pytest.mark.parametrize("qtype", ALL)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 16, 19])
+def test_qmatmul_matches_float64_reference(qtype, tokens):
+    fields, w, cols = _case(qtype, 37, 2)
+    x = np.random.default_rng(3).standard_normal((tokens, cols)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, f: cpu.qmatmul(x, f, qtype))(jnp.asarray(x), fields))
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert got.shape == (tokens, 37)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_qmatmul_backend_on_a_prefill_sized_batch():
+    fields, w, cols = _case("q4_1", 24, 4)
+    x = np.random.default_rng(5).standard_normal((2, 70, cols)).astype(np.float32)  # 3 slices
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    for backend in ("cpu", "auto"):
+        got = np.asarray(qmatmul(jnp.asarray(x), fields, "q4_1", cols, backend=backend))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kvh,g,hd,lens,window", [
+    (3, 3, 64, [1, 17, 40, 0, 33], None),  # SmolLM2's heads; a padding row (length 0)
+    (2, 4, 128, [5, 64, 9], 6),  # sliding window
+    (1, 1, 32, [16, 15], None),
+])
+def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
+    q, k, v, tables, context_lens = decode_case(11, kvh, g, hd, 16, lens)
+    args = [jnp.asarray(a) for a in (q, k, v, tables, context_lens)]
+    got = np.asarray(pa.decode(*args, scale=SCALE, sliding_window=window, backend="cpu"))
+    ref = pa.decode(*args, scale=SCALE, sliding_window=window, backend="xla")
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-5, atol=1e-5)
+    dense = dense_attention(q, k, v, tables, context_lens, np.arange(len(lens)),
+                            context_lens - 1, window)
+    live = context_lens > 0
+    np.testing.assert_allclose(got[live], dense[live], rtol=1e-5, atol=1e-5)
+    assert np.all(got[~live] == 0)
+
+
+def test_auto_backends_pick_the_cpu_kernels_and_bf16_caches_fall_back():
+    assert pa.attention_backend("auto") == "cpu"
+    q, k, v, tables, lens = decode_case(12, 2, 2, 32, 16, [9, 30])
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    out = pa.decode(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE)
+    ref = pa.decode_attention(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(ValueError, match="cache dtype"):
+        pa.decode(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE, backend="cpu")

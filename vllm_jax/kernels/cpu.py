@@ -1,0 +1,127 @@
+"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul) and cpu_attention.cc (paged decode
+attention), XLA FFI custom calls built on first use.
+
+The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
+FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
+jaxlib and the CPU), and registered as XLA custom calls. Without a compiler (or with
+VLLM_JAX_CPU_KERNELS=0) `available()` is False and callers keep to the XLA paths. Helper
+threads: one per core (VLLM_JAX_CPU_THREADS to change).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+log = logging.getLogger("vllm_jax")
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_attention.cc"]
+HEADERS = [HERE / "cpu_common.h"]
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_decode_attention")
+# the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
+FIELDS = {
+    "q4_0": ("d", "qs"), "q4_1": ("d", "m", "qs"), "q5_0": ("d", "qh", "qs"),
+    "q5_1": ("d", "m", "qh", "qs"), "q8_0": ("d", "qs"), "q2_k": ("d", "dmin", "sc", "qs"),
+    "q3_k": ("d", "sc", "hmask", "qs"), "q4_k": ("d", "dmin", "sc", "m", "qs"),
+    "q5_k": ("d", "dmin", "sc", "m", "qh", "qs"), "q6_k": ("d", "sc", "ql", "qh"),
+}
+QTYPE_CODE = {name: i for i, name in enumerate(FIELDS)}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(cache: Path) -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++ or clang++) on PATH")
+    key = hashlib.sha256(b"\0".join([
+        *(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
+        platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:16]
+    lib = cache / f"cpu_kernels-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
+    log.info("building the CPU kernels (once): %s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{compiler} failed:\n{done.stderr[-2000:]}")
+    tmp.replace(lib)
+    return lib
+
+
+def available() -> bool:
+    """Build (once) and register the kernels; False, with one warning, where that fails."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _register()
+        return bool(_state["ok"])
+
+
+def _register() -> bool:
+    if os.environ.get("VLLM_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    cache = Path(os.environ.get("VLLM_JAX_CACHE", Path.home() / ".cache" / "vllm_jax"))
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cache / "kernels")))
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                        platform="cpu")
+    except Exception as e:  # no compiler, a failed build, a jax without jax.ffi: XLA paths
+        log.warning("CPU kernels unavailable, using the XLA paths (slower; GGUF weights get "
+                    "unpacked at load): %s", e)
+        return False
+    _state["lib"] = lib  # keep it loaded
+    return True
+
+
+def _call(target: str, result) -> Callable:
+    if not available():
+        raise RuntimeError("the CPU kernels could not be built (see the warning above); "
+                           "use the xla backend")
+    return jax.ffi.ffi_call(target, result)
+
+
+def _args(fields: dict, qtype: str) -> list:
+    return [fields[k] for k in FIELDS[qtype]]
+
+
+def qmatmul(x2: jax.Array, fields: dict, qtype: str) -> jax.Array:
+    """x2 [T, cols] @ W.T -> float32 [T, rows] (W bit-identical to quant.dequantize's)."""
+    rows = fields["d"].shape[0]
+    call = _call("vllm_jax_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
+    return call(x2.astype(jnp.float32), *_args(fields, qtype), qtype=QTYPE_CODE[qtype])
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float,
+                     sliding_window: int | None = None) -> jax.Array:
+    """paged_attention.decode_attention for float32 caches (same arguments, same result)."""
+    call = _call("vllm_jax_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_cache, v_cache, block_tables.astype(jnp.int32),
+               context_lens.astype(jnp.int32), scale=np.float32(scale),
+               window=np.int64(sliding_window or 0))
+    return out.astype(q.dtype)

@@ -1,0 +1,141 @@
+// Paged decode attention for the CPU, an XLA FFI custom call (built by kernels/cpu.py).
+//
+// The XLA reference (paged_attention.decode_attention) gathers whole chunks of pages into new
+// arrays and loops in a while loop; for one query a row that is mostly copying. Here each
+// (sequence, KV head) reads its own keys and values in place through the block table, once:
+// scores for the G query heads that share the KV head, an exact softmax over the context
+// (max first, then exp), and the weighted sum of values.
+//
+//   vllm_jax_decode_attention  q f32 [S, H, D], k_cache/v_cache f32 [KVH, P, PS, D],
+//                              block_tables i32 [S, B], context_lens i32 [S]
+//                              -> o f32 [S, H, D]; attrs scale, window (0 = none)
+#include "cpu_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace vllm_jax;
+
+// exp for 8 lanes (Cephes' expf: 2^n * e^r, |r| <= ln2 / 2, a degree-6 polynomial; ~1 ulp)
+inline f8 exp8(f8 x) {
+  x = x < -87.33654f ? splat(-87.33654f) : x;
+  const f8 t = x * 1.44269504088896341f;
+  f8 n = __builtin_convertvector(__builtin_convertvector(t + 0.5f, i32x8), f8);
+  n = n > t + 0.5f ? n - 1.f : n;  // floor(t + 0.5)
+  const f8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i32x8 scale = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  f8 two_n;
+  std::memcpy(&two_n, &scale, sizeof two_n);
+  return p * two_n;
+}
+
+struct Attn {
+  const float *q, *k, *v;
+  const int32_t *tables, *lens;
+  float* o;
+  int64_t heads, kv_heads, dim, pages, page_size, max_pages;
+  float scale;
+  int64_t window;
+};
+
+inline const float* kv_row(const Attn& a, const float* cache, int64_t s, int64_t h, int64_t j) {
+  const int64_t page = a.tables[s * a.max_pages + j / a.page_size];
+  return cache + ((h * a.pages + page) * a.page_size + j % a.page_size) * a.dim;
+}
+
+// One sequence s, one KV head h and its G = heads / kv_heads query heads: each key and value row
+// is read once for all G heads (scores[g][j], then out[g] = sum_j p[g][j] * v[j]).
+void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
+            std::vector<f8>& acc) {
+  const int64_t g_count = a.heads / a.kv_heads, d8 = a.dim / 8;
+  float* out = a.o + (s * a.heads + h * g_count) * a.dim;
+  const int64_t ctx = a.lens[s];
+  if (ctx <= 0) {  // a padding row
+    std::fill(out, out + g_count * a.dim, 0.f);
+    return;
+  }
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
+  const int64_t stride = (n + 7) / 8 * 8;
+  scores.resize(g_count * stride);
+  acc.assign(g_count * d8, f8{});
+  const float* q = a.q + (s * a.heads + h * g_count) * a.dim;  // G rows of dim
+  f8* qs = acc.data();  // (q * scale), as the reference scales it, parked in acc until used
+  for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
+  for (int64_t j = 0; j < n; ++j) {  // scores
+    const float* kr = kv_row(a, a.k, s, h, lo + j);
+    for (int64_t g = 0; g < g_count; ++g) {
+      const f8* qg = qs + g * d8;
+      f8 dot = qg[0] * load<f8>(kr);
+      for (int64_t i = 1; i < d8; ++i) dot += qg[i] * load<f8>(kr + 8 * i);
+      scores[g * stride + j] = hsum(dot);
+    }
+  }
+  std::fill(acc.begin(), acc.end(), f8{});
+  std::vector<float> inv(g_count);
+  for (int64_t g = 0; g < g_count; ++g) {  // softmax numerators, in place
+    float* sc = scores.data() + g * stride;
+    const float m = *std::max_element(sc, sc + n);
+    std::fill(sc + n, sc + stride, -INFINITY);
+    f8 total = {};
+    for (int64_t j = 0; j < stride; j += 8) {
+      const f8 e = exp8(load<f8>(sc + j) - m);
+      store(sc + j, e);
+      total += e;
+    }
+    inv[g] = 1.f / hsum(total);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = kv_row(a, a.v, s, h, lo + j);
+    for (int64_t g = 0; g < g_count; ++g) {
+      const f8 p = splat(scores[g * stride + j]);
+      f8* ag = acc.data() + g * d8;
+      for (int64_t i = 0; i < d8; ++i) ag[i] += p * load<f8>(vr + 8 * i);
+    }
+  }
+  for (int64_t g = 0; g < g_count; ++g)
+    for (int64_t i = 0; i < d8; ++i) store(out + g * a.dim + 8 * i, acc[g * d8 + i] * inv[g]);
+}
+
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
+                           ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> o, float scale,
+                           int64_t window) {
+  Attn a;
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  a.heads = qd[1], a.dim = qd[2], a.kv_heads = kd[0], a.pages = kd[1], a.page_size = kd[2];
+  a.max_pages = tables.dimensions()[1];
+  if (a.dim % 8 || a.dim > 256 || a.heads % a.kv_heads || kd[3] != a.dim)
+    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: unsupported shapes");
+  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data();
+  a.tables = tables.typed_data(), a.lens = lens.typed_data(), a.o = o->typed_data();
+  a.scale = scale, a.window = window;
+  const int64_t kvh = a.kv_heads;
+  parallel_for(qd[0] * kvh, 1, [&a, kvh](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<f8> acc;
+    for (int64_t i = i0; i < i1; ++i) attend(a, i / kvh, i % kvh, scores, acc);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_decode_attention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window"));

@@ -1,0 +1,153 @@
+// Shared by the CPU kernels (cpu_qmatmul.cc, cpu_attention.cc): 8-lane float vectors written
+// with GCC/Clang vector extensions (AVX2 here, NEON on ARM) and the helper-thread pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace vllm_jax {
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+template <typename V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V>
+inline void store(void* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline f8 splat(float v) { return f8{v, v, v, v, v, v, v, v}; }
+// 8 bytes -> 8 int32 lanes (GCC scalarizes __builtin_convertvector from 8-byte vectors)
+template <typename Byte>
+inline i32x8 widen(const Byte* p) {
+#if defined(__AVX2__)
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (i32x8)(std::is_signed_v<Byte> ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+#else
+  i32x8 r;
+  for (int i = 0; i < 8; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+inline f8 to_f8(i32x8 v) { return __builtin_convertvector(v, f8); }
+
+inline float hsum(f8 v) {
+  typedef float f4 __attribute__((vector_size(16)));
+  f4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  a += __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a += __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  return a[0];
+}
+
+// -- threads: the caller and a few helpers take chunks of rows off one counter ----------------
+//
+// One step makes ~200 of these calls, each only 20-200 us of work, so waking a sleeping thread
+// for each (tens of us in a VM) would eat the gain: helpers spin (yielding the core) for a while
+// after each job and only then sleep. A second caller arriving while a job runs (several XLA
+// devices in one process) does its own job alone.
+
+struct Job {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+  std::function<void(int64_t)> body;
+
+  void run() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      body(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: its threads live as long as the process
+    return *pool;
+  }
+
+  int64_t threads() const { return int64_t(threads_.size()) + 1; }
+
+  void run(int64_t chunks, std::function<void(int64_t)> body) {
+    auto job = std::make_shared<Job>();
+    job->chunks = chunks;
+    job->body = std::move(body);
+    std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+    if (busy.owns_lock() && chunks > 1 && !threads_.empty()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job_ = job;
+        generation_.fetch_add(1, std::memory_order_release);
+      }
+      cv_.notify_all();
+    }
+    job->run();
+    while (job->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  }
+
+ private:
+  Pool() {
+    int n = int(std::thread::hardware_concurrency());
+    if (const char* env = std::getenv("VLLM_JAX_CPU_THREADS")) n = std::atoi(env);
+    for (int i = 1; i < n; ++i) threads_.emplace_back([this] { work(); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+      while (generation_.load(std::memory_order_acquire) == seen &&
+             std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+      }
+      job->run();
+    }
+  }
+
+  static constexpr int kSpinUs = 500;
+  std::vector<std::thread> threads_;
+  std::mutex submit_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
+};
+
+// body(n0, n1) over [0, n) in two contiguous ranges a thread, each a multiple of `multiple`
+// (but the last): a thread streams long runs of rows (finely interleaved rows made both cores'
+// prefetchers fetch each other's lines: 2x slower)
+template <typename F>
+void parallel_for(int64_t n, int64_t multiple, F body) {
+  Pool& pool = Pool::get();
+  const int64_t per = (n + 2 * pool.threads() - 1) / (2 * pool.threads());
+  const int64_t step = std::max<int64_t>(1, (per + multiple - 1) / multiple) * multiple;
+  pool.run((n + step - 1) / step, [=](int64_t c) { body(c * step, std::min(n, (c + 1) * step)); });
+}
+
+}  // namespace vllm_jax

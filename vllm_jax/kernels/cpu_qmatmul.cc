@@ -1,0 +1,356 @@
+// GGUF-quantized matmul for the CPU, XLA FFI custom calls (built by kernels/cpu.py).
+//
+// XLA on the CPU cannot fuse bit unpacking into a dot, so a step with packed weights would
+// materialize every weight in float32. Here each thread takes a few weight rows at a time,
+// dequantizes them into a small buffer that stays in L1/L2 (the same float32 arithmetic as
+// gguf-py, so the weights are bit-identical to `gguf.quants.dequantize`), and multiplies them
+// by every token row while they are hot. Memory traffic is the packed bytes, ~5 bits a weight.
+//
+// The target reads the fields of kernels/quant.py's `repack` layout ([rows, ...] arrays, passed
+// in the order of FIELDS in kernels/cpu.py):
+//   vllm_jax_qmatmul  x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
+#include "cpu_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace vllm_jax;
+
+enum QType : int64_t { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K };
+constexpr int64_t kMaxFields = 6;
+
+struct Fields {  // row n of field i starts at base[i] + n * stride[i] (bytes)
+  const uint8_t* base[kMaxFields];
+  int64_t stride[kMaxFields];
+  const uint8_t* row(int i, int64_t n) const { return base[i] + n * stride[i]; }
+};
+
+#if defined(__F16C__)
+float f16(uint16_t h) { return _cvtsh_ss(h); }
+#else
+float f16(uint16_t h) {  // exact IEEE half -> float, subnormals included
+  uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man) {
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 1024));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 1023) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
+
+float f16_at(const uint8_t* p, int64_t i) {
+  uint16_t h;
+  std::memcpy(&h, p + 2 * i, 2);
+  return f16(h);
+}
+
+// Q4_0..Q8_0, 32 weights a block: w = d * q (+ m), decoded 8 lanes at a time into registers.
+template <QType t>
+struct Legacy {
+  static constexpr bool has_m = t == Q4_1 || t == Q5_1, has_h = t == Q5_0 || t == Q5_1;
+  const uint8_t *d, *m, *qh, *qs;
+
+  Legacy(const Fields& f, int64_t n)
+      : d(f.row(0, n)), m(has_m ? f.row(1, n) : nullptr),
+        qh(has_h ? f.row(has_m ? 2 : 1, n) : nullptr), qs(f.row(has_m + has_h + 1, n)) {}
+
+  inline void decode(int64_t b, f8 w[4]) const {
+    i32x8 v[4];
+    if constexpr (t == Q8_0) {
+      for (int g = 0; g < 4; ++g) v[g] = widen(reinterpret_cast<const int8_t*>(qs) + 32 * b + 8 * g);
+    } else {
+      const i32x8 a = widen(qs + 16 * b), c = widen(qs + 16 * b + 8);
+      v[0] = a & 15, v[1] = c & 15, v[2] = a >> 4, v[3] = c >> 4;
+      if constexpr (has_h) {
+        uint32_t h;
+        std::memcpy(&h, qh + 4 * b, 4);
+        const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (int g = 0; g < 4; ++g) v[g] |= (((i32x8{} + int32_t(h)) >> (lane + 8 * g)) & 1) << 4;
+      }
+    }
+    const f8 db = splat(f16_at(d, b));
+    if constexpr (has_m) {
+      const f8 mb = splat(f16_at(m, b));
+      for (int g = 0; g < 4; ++g) w[g] = db * to_f8(v[g]) + mb;
+    } else {
+      constexpr int offset = t == Q4_0 ? 8 : t == Q5_0 ? 16 : 0;
+      for (int g = 0; g < 4; ++g) w[g] = db * to_f8(v[g] - offset);
+    }
+  }
+};
+
+template <QType t>
+void dequant_row_legacy(const Fields& f, int64_t n, int64_t nb, float* out) {
+  const Legacy<t> row(f, n);
+  for (int64_t b = 0; b < nb; ++b, out += 32) {
+    f8 w[4];
+    row.decode(b, w);
+    for (int g = 0; g < 4; ++g) store(out + 8 * g, w[g]);
+  }
+}
+
+// One weight row -> out[cols]. Products are computed as gguf-py does (scale * q, then +/- min);
+// they are exact in float32, so contracting them into FMAs changes nothing.
+void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
+  switch (t) {
+    case Q4_0: return dequant_row_legacy<Q4_0>(f, n, nb, out);
+    case Q4_1: return dequant_row_legacy<Q4_1>(f, n, nb, out);
+    case Q5_0: return dequant_row_legacy<Q5_0>(f, n, nb, out);
+    case Q5_1: return dequant_row_legacy<Q5_1>(f, n, nb, out);
+    case Q8_0: return dequant_row_legacy<Q8_0>(f, n, nb, out);
+    case Q2_K: {  // fields d, dmin, sc, qs
+      const uint8_t *d = f.row(0, n), *dm = f.row(1, n), *sc = f.row(2, n), *qs = f.row(3, n);
+      for (int64_t b = 0; b < nb; ++b, out += 256) {
+        const float db = f16_at(d, b), mb = f16_at(dm, b);
+        for (int e = 0; e < 256; ++e) {
+          const int h = e >> 7, g = (e >> 5) & 3, k = e & 31, s = sc[16 * b + (e >> 4)];
+          const int q = (qs[64 * b + 32 * h + k] >> (2 * g)) & 3;
+          out[e] = db * float(s & 15) * float(q) - mb * float(s >> 4);
+        }
+      }
+      return;
+    }
+    case Q3_K: {  // fields d, sc (int8, -32..31), hmask, qs
+      const uint8_t *d = f.row(0, n), *hm = f.row(2, n), *qs = f.row(3, n);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(f.row(1, n));
+      for (int64_t b = 0; b < nb; ++b, out += 256) {
+        const float db = f16_at(d, b);
+        for (int e = 0; e < 256; ++e) {
+          const int h = e >> 7, g = (e >> 5) & 3, k = e & 31;
+          const int low = (qs[64 * b + 32 * h + k] >> (2 * g)) & 3;
+          const int high = (hm[32 * b + k] >> (e >> 5)) & 1;
+          out[e] = db * float(sc[16 * b + (e >> 4)]) * float(low - 4 + 4 * high);
+        }
+      }
+      return;
+    }
+    case Q4_K: case Q5_K: {  // fields d, dmin, sc, m, (qh,) qs
+      const bool five = t == Q5_K;
+      const uint8_t *d = f.row(0, n), *dm = f.row(1, n), *sc = f.row(2, n), *m = f.row(3, n);
+      const uint8_t* qh = five ? f.row(4, n) : nullptr;
+      const uint8_t* qs = f.row(five ? 5 : 4, n);
+      for (int64_t b = 0; b < nb; ++b, out += 256) {
+        const float db = f16_at(d, b), mb = f16_at(dm, b);
+        for (int e = 0; e < 256; ++e) {
+          const int c = e >> 6, g = (e >> 5) & 1, k = e & 31, sub = e >> 5;
+          int q = (qs[128 * b + 32 * c + k] >> (4 * g)) & 15;
+          if (five) q |= ((qh[32 * b + k] >> sub) & 1) << 4;
+          out[e] = db * float(sc[8 * b + sub]) * float(q) - mb * float(m[8 * b + sub]);
+        }
+      }
+      return;
+    }
+    case Q6_K: {  // fields d, sc (int8), ql, qh
+      const uint8_t *d = f.row(0, n), *ql = f.row(2, n), *qh = f.row(3, n);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(f.row(1, n));
+      for (int64_t b = 0; b < nb; ++b, out += 256) {
+        const float db = f16_at(d, b);
+        for (int e = 0; e < 256; ++e) {
+          const int h = e >> 7, r = e & 127;
+          const int lo = (ql[128 * b + 64 * h + (r & 63)] >> (4 * (r >> 6))) & 15;
+          const int hi = (qh[64 * b + 32 * h + (r & 31)] >> (2 * (r >> 5))) & 3;
+          out[e] = db * float(sc[16 * b + (e >> 4)]) * float((lo | hi << 4) - 32);
+        }
+      }
+      return;
+    }
+  }
+}
+
+int64_t block_elems(QType t) { return t <= Q8_0 ? 32 : 256; }
+
+// -- the products: y[t, n] = x[t, :] . w[n, :], 8 lanes along cols, summed at the end --------
+
+struct Out {  // y [tokens, rows] with the tile's first token and row
+  float* y;
+  int64_t rows, t0, n0;
+};
+
+template <int R, int TT>
+inline void write(const f8 (&acc)[R][TT], const Out& o, int nrows) {
+  for (int r = 0; r < nrows; ++r)
+    for (int i = 0; i < TT; ++i) o.y[(o.t0 + i) * o.rows + o.n0 + r] = hsum(acc[r][i]);
+}
+
+// R dequantized rows w (stride cols) times TT token rows of x: R * TT accumulators, the weight
+// vectors loaded once and reused by every token (12 accumulators + 4 weights = 16 registers).
+template <int R, int TT>
+void tile(const float* x, int64_t cols, const float* w, const Out& o, int nrows) {
+  f8 acc[R][TT] = {};
+  for (int64_t k = 0; k < cols; k += 8) {
+    f8 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load<f8>(w + r * cols + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      const f8 xi = load<f8>(x + (o.t0 + i) * cols + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][i] += xi * wv[r];
+    }
+  }
+  write(acc, o, nrows);
+}
+
+// One row of a legacy type decoded block by block in registers, times TT (few) tokens: no buffer.
+template <QType t, int TT>
+void fused(const Fields& f, int64_t nb, const float* x, int64_t cols, const Out& o) {
+  f8 acc[1][TT] = {};
+  const Legacy<t> row(f, o.n0);
+  for (int64_t b = 0; b < nb; ++b) {
+    f8 w[4];
+    row.decode(b, w);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      const float* xb = x + (o.t0 + i) * cols + 32 * b;
+      acc[0][i] += load<f8>(xb) * w[0] + load<f8>(xb + 8) * w[1] + load<f8>(xb + 16) * w[2] +
+                   load<f8>(xb + 24) * w[3];
+    }
+  }
+  write(acc, o, 1);
+}
+
+bool read_fields(const ffi::RemainingArgs& args, size_t first, Fields* f, int64_t* rows) {
+  if (args.size() - first > size_t(kMaxFields)) return false;
+  for (size_t i = first; i < args.size(); ++i) {
+    auto buf = args.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return false;
+    auto dims = buf->dimensions();
+    if (dims.size() != 2) return false;
+    if (i == first) *rows = dims[0];
+    f->base[i - first] = static_cast<const uint8_t*>(buf->untyped_data());
+    f->stride[i - first] = int64_t(buf->size_bytes() / std::max<int64_t>(dims[0], 1));
+  }
+  return true;
+}
+
+constexpr int64_t kFewTokens = 4;  // up to this many tokens: products summed along cols
+
+struct Problem {
+  QType t;
+  Fields f;
+  const float* x;   // [tokens, cols]
+  const float* xt;  // many tokens: x transposed, [cols, padded_tokens], zero padded
+  float* y;
+  int64_t tokens, padded_tokens, rows, cols, nb;
+};
+
+// One row at a time: streaming several rows' blocks at once (4 streams of 3 fields) was up to
+// 1.5x slower on long rows than walking each row's blocks in order.
+template <QType Q>
+void fused_rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t i = 0;
+    for (; i + 2 <= p.tokens; i += 2) fused<Q, 2>(p.f, p.nb, p.x, p.cols, {p.y, p.rows, i, n});
+    if (i < p.tokens) fused<Q, 1>(p.f, p.nb, p.x, p.cols, {p.y, p.rows, i, n});
+  }
+}
+
+// R rows dequantized in `w` times V * 8 tokens of xt, starting at token i: each weight is
+// broadcast against 8 tokens at once, so the sums come out per token with no horizontal adds
+// (2 x loads + 6 broadcasts per 12 FMAs: the GEMM micro-kernel shape).
+template <int R, int V>
+void tile_t(const Problem& p, const float* w, int64_t n, int nrows, int64_t i) {
+  f8 acc[R][V] = {};
+  const float* xt = p.xt + i;
+  for (int64_t k = 0; k < p.cols; ++k) {
+    f8 xv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) xv[v] = load<f8>(xt + k * p.padded_tokens + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const f8 wb = splat(w[r * p.cols + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] += xv[v] * wb;
+    }
+  }
+  for (int r = 0; r < nrows; ++r)
+    for (int j = 0; j < 8 * V && i + j < p.tokens; ++j)
+      p.y[(i + j) * p.rows + n + r] = acc[r][j / 8][j % 8];
+}
+
+constexpr int kPanel = 6;  // rows dequantized together for many tokens
+
+void buffered_rows(const Problem& p, int64_t n0, int64_t n1, float* buf) {
+  const int group = p.tokens <= kFewTokens ? 4 : kPanel;
+  for (int64_t n = n0; n < n1; n += group) {
+    const int nr = int(std::min<int64_t>(group, n1 - n));
+    for (int r = 0; r < group; ++r)
+      dequant_row(p.t, p.f, n + std::min(r, nr - 1), p.nb, buf + r * p.cols);
+    if (p.tokens > kFewTokens) {
+      int64_t i = 0;
+      for (; i + 16 <= p.padded_tokens; i += 16) tile_t<kPanel, 2>(p, buf, n, nr, i);
+      if (i < p.padded_tokens) tile_t<kPanel, 1>(p, buf, n, nr, i);
+      continue;
+    }
+    int64_t i = 0;
+    for (; i + 3 <= p.tokens; i += 3) tile<4, 3>(p.x, p.cols, buf, {p.y, p.rows, i, n}, nr);
+    if (p.tokens - i == 2) tile<4, 2>(p.x, p.cols, buf, {p.y, p.rows, i, n}, nr);
+    if (p.tokens - i == 1) tile<4, 1>(p.x, p.cols, buf, {p.y, p.rows, i, n}, nr);
+  }
+}
+
+void matmul_rows(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.tokens <= kFewTokens) {
+    switch (p.t) {
+      case Q4_0: return fused_rows<Q4_0>(p, n0, n1);
+      case Q4_1: return fused_rows<Q4_1>(p, n0, n1);
+      case Q5_0: return fused_rows<Q5_0>(p, n0, n1);
+      case Q5_1: return fused_rows<Q5_1>(p, n0, n1);
+      case Q8_0: return fused_rows<Q8_0>(p, n0, n1);
+      default: break;
+    }
+  }
+  thread_local std::vector<float> buf;
+  buf.resize(std::max<size_t>(buf.size(), kPanel * p.cols));
+  buffered_rows(p, n0, n1, buf.data());
+}
+
+constexpr int64_t kSliceTokens = 64;  // tokens per pass over the weights (x^T slice in L2)
+
+ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
+  Problem whole;
+  whole.t = QType(qtype);
+  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, &whole.f, &whole.rows))
+    return ffi::Error::InvalidArgument("vllm_jax_qmatmul: bad quantized weight fields");
+  const int64_t tokens = x.dimensions()[0], rows = whole.rows;
+  whole.cols = x.dimensions()[1], whole.nb = whole.cols / block_elems(whole.t);
+  std::vector<float> xt;
+  // Many tokens (a prefill) go in slices: each dequantizes the weights again (~7% of the work
+  // at 64 tokens), which beats materializing a float32 copy of every weight per step
+  for (int64_t t0 = 0; t0 < tokens; t0 += kSliceTokens) {
+    Problem p = whole;
+    p.tokens = std::min(kSliceTokens, tokens - t0);
+    p.x = x.typed_data() + t0 * p.cols, p.y = y->typed_data() + t0 * rows;
+    p.padded_tokens = (p.tokens + 7) / 8 * 8;
+    if (p.tokens > kFewTokens) {
+      xt.assign(p.cols * p.padded_tokens, 0.f);
+      for (int64_t i = 0; i < p.tokens; ++i)
+        for (int64_t k = 0; k < p.cols; ++k) xt[k * p.padded_tokens + i] = p.x[i * p.cols + k];
+      p.xt = xt.data();
+    }
+    parallel_for(rows, 12, [&p](int64_t n0, int64_t n1) { matmul_rows(p, n0, n1); });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_qmatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
