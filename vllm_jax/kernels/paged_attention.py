@@ -144,12 +144,9 @@ def attention_backend(name: str = "auto") -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
-        from vllm_jax.kernels import cpu
+        from vllm_jax.kernels.quant import default_backend
 
-        platform = jax.default_backend()
-        if platform == "gpu":
-            return "pallas"
-        return "cpu" if platform == "cpu" and cpu.available() else "xla"
+        return default_backend()  # the same choice as the quantized matmul's
     return name
 
 

@@ -219,7 +219,8 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
 
 
 def default_backend() -> str:
-    """pallas on GPUs, the C++ kernel on the CPU when it builds, XLA otherwise (Metal)."""
+    """pallas on GPUs, the C++ kernels on the CPU when they build, XLA otherwise (Metal); the
+    choice for both the quantized matmul and paged attention."""
     platform = jax.default_backend()
     if platform == "gpu":
         return "pallas"
