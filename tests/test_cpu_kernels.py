@@ -64,6 +64,7 @@ def test_qmatmul_backend_on_a_prefill_sized_batch():
     (3, 3, 64, [1, 17, 40, 0, 33], None),  # SmolLM2's heads; a padding row (length 0)
     (2, 4, 128, [5, 64, 9], 6),  # sliding window
     (1, 1, 32, [16, 15], None),
+    (2, 3, 96, [200, 7, 50], 100),  # head_dim 96: the kernel's generic (non-templated) path
 ])
 def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
     q, k, v, tables, context_lens = decode_case(11, kvh, g, hd, 16, lens)

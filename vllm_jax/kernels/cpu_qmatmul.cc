@@ -280,15 +280,24 @@ void tile_t(const Problem& p, const float* w, int64_t n, int nrows, int64_t i) {
       p.y[(i + j) * p.rows + n + r] = acc[r][j / 8][j % 8];
 }
 
+// Asks for the packed bytes of rows [n0, n1) while the current panel is multiplied: the
+// hardware prefetcher alone leaves the next panel's dequantization waiting on memory.
+void prefetch_rows(const Fields& f, int64_t n0, int64_t n1) {
+  for (int i = 0; i < kMaxFields && f.base[i]; ++i)
+    for (const uint8_t *a = f.row(i, n0), *e = f.row(i, n1); a < e; a += 64)
+      __builtin_prefetch(a, 0, 3);
+}
+
 constexpr int kPanel = 6;  // rows dequantized together for many tokens
 
 void buffered_rows(const Problem& p, int64_t n0, int64_t n1, float* buf) {
-  const int group = p.tokens <= kFewTokens ? 4 : kPanel;
+  const int group = p.xt ? kPanel : 4;
   for (int64_t n = n0; n < n1; n += group) {
     const int nr = int(std::min<int64_t>(group, n1 - n));
     for (int r = 0; r < group; ++r)
       dequant_row(p.t, p.f, n + std::min(r, nr - 1), p.nb, buf + r * p.cols);
-    if (p.tokens > kFewTokens) {
+    if (p.xt) {
+      prefetch_rows(p.f, std::min(n + group, n1), std::min(n + 2 * group, n1));
       int64_t i = 0;
       for (; i + 16 <= p.padded_tokens; i += 16) tile_t<kPanel, 2>(p, buf, n, nr, i);
       if (i < p.padded_tokens) tile_t<kPanel, 1>(p, buf, n, nr, i);
@@ -302,7 +311,7 @@ void buffered_rows(const Problem& p, int64_t n0, int64_t n1, float* buf) {
 }
 
 void matmul_rows(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.tokens <= kFewTokens) {
+  if (!p.xt) {
     switch (p.t) {
       case Q4_0: return fused_rows<Q4_0>(p, n0, n1);
       case Q4_1: return fused_rows<Q4_1>(p, n0, n1);
@@ -319,15 +328,41 @@ void matmul_rows(const Problem& p, int64_t n0, int64_t n1) {
 
 constexpr int64_t kSliceTokens = 64;  // tokens per pass over the weights (x^T slice in L2)
 
+// x [tokens, cols] -> xt [cols, padded_tokens] (zero padded), 8 x 8 blocks in registers.
+void transpose(const float* x, int64_t tokens, int64_t cols, int64_t padded_tokens, float* xt) {
+  for (int64_t i = 0; i < padded_tokens; i += 8)
+    for (int64_t k = 0; k < cols; k += 8) {
+      f8 r[8], t[8], u[8];
+      for (int j = 0; j < 8; ++j) r[j] = i + j < tokens ? load<f8>(x + (i + j) * cols + k) : f8{};
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+      }
+      for (int j = 0; j < 8; j += 4)
+        for (int h = 0; h < 2; ++h) {
+          u[j + 2 * h] = __builtin_shufflevector(t[j + h], t[j + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+          u[j + 2 * h + 1] =
+              __builtin_shufflevector(t[j + h], t[j + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+      float* dst = xt + k * padded_tokens + i;  // column c of the block is u[c % 4] / u[c % 4 + 4]
+      for (int c = 0; c < 4; ++c) {
+        store(dst + c * padded_tokens,
+              __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        store(dst + (c + 4) * padded_tokens,
+              __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+      }
+    }
+}
+
 ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
                    ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
-  Problem whole;
+  Problem whole{};
   whole.t = QType(qtype);
   if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, &whole.f, &whole.rows))
     return ffi::Error::InvalidArgument("vllm_jax_qmatmul: bad quantized weight fields");
   const int64_t tokens = x.dimensions()[0], rows = whole.rows;
   whole.cols = x.dimensions()[1], whole.nb = whole.cols / block_elems(whole.t);
-  std::vector<float> xt;
+  thread_local std::vector<float> xt;
   // Many tokens (a prefill) go in slices: each dequantizes the weights again (~7% of the work
   // at 64 tokens), which beats materializing a float32 copy of every weight per step
   for (int64_t t0 = 0; t0 < tokens; t0 += kSliceTokens) {
@@ -336,9 +371,8 @@ ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
     p.x = x.typed_data() + t0 * p.cols, p.y = y->typed_data() + t0 * rows;
     p.padded_tokens = (p.tokens + 7) / 8 * 8;
     if (p.tokens > kFewTokens) {
-      xt.assign(p.cols * p.padded_tokens, 0.f);
-      for (int64_t i = 0; i < p.tokens; ++i)
-        for (int64_t k = 0; k < p.cols; ++k) xt[k * p.padded_tokens + i] = p.x[i * p.cols + k];
+      xt.resize(p.cols * p.padded_tokens);
+      transpose(p.x, p.tokens, p.cols, p.padded_tokens, xt.data());
       p.xt = xt.data();
     }
     parallel_for(rows, 12, [&p](int64_t n0, int64_t n1) { matmul_rows(p, n0, n1); });
