@@ -79,12 +79,18 @@ def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
     assert np.all(got[~live] == 0)
 
 
-def test_auto_backends_pick_the_cpu_kernels_and_bf16_caches_fall_back():
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_caches_are_read_as_float32(dtype):
     assert pa.attention_backend("auto") == "cpu"
-    q, k, v, tables, lens = decode_case(12, 2, 2, 32, 16, [9, 30])
-    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
-    out = pa.decode(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE)
-    ref = pa.decode_attention(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    q, k, v, tables, lens = decode_case(12, 2, 2, 64, 16, [9, 30, 0])
+    half = [jnp.asarray(a, dtype) for a in (k, v)]
+    args = (jnp.asarray(q), *half, jnp.asarray(tables), jnp.asarray(lens))
+    out = np.asarray(pa.decode(*args, scale=SCALE))  # auto: the kernel
+    ref = np.asarray(pa.decode_attention(*args, scale=SCALE))  # XLA, promoted to float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    dense = dense_attention(q, *(np.asarray(a, np.float32) for a in half), tables, lens,
+                            np.arange(3), lens - 1, None)
+    np.testing.assert_allclose(out[:2], dense[:2], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cache dtype"):
-        pa.decode(*bf, jnp.asarray(tables), jnp.asarray(lens), scale=SCALE, backend="cpu")
+        pa.decode(args[0], *(a.astype(jnp.int8) for a in half), *args[3:], scale=SCALE,
+                  backend="cpu")

@@ -61,6 +61,26 @@ def test_logits_and_greedy_match_transformers(model_dir, case):
             assert abs(lp.logprob - ref[PROMPT_LEN - 1 + i, tok]) <= 1e-4 * scale, (i, tok)
 
 
+# the cache rounds K and V to 11 (f16) or 8 (bf16) significant bits: bounds a few times that
+HALF_KV_BOUND = {"f16": 2e-3, "bf16": 2e-2}
+
+
+@pytest.mark.parametrize("kv,backend", [("f16", "auto"), ("bf16", "auto"), ("f16", "xla")])
+def test_half_kv_cache_stays_close_to_transformers(model_dir, kv, backend):
+    path, hf = model_dir("llama")
+    engine = engine_for(path, kv_cache_dtype=kv, attention_backend=backend)
+    assert engine.runner.kv[0].dtype == {"f16": np.float16, "bf16": "bfloat16"}[kv]
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, PROMPT_LEN)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    out = engine.generate([prompt], params)[0]
+    tokens = out.outputs[0].token_ids
+    ref = torch.log_softmax(torch.tensor(hf_logits(hf, prompt + tokens)), -1).numpy()
+    scale = np.abs(hf_logits(hf, prompt)).max()
+    worst = max(abs(lp.logprob - ref[PROMPT_LEN - 1 + i, tok]) / scale
+                for i, step in enumerate(out.outputs[0].logprobs) for tok, lp in step.items())
+    assert 0 < worst <= HALF_KV_BOUND[kv], worst
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
     from vllm_jax.config import ConfigError, ModelConfig
 

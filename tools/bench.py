@@ -118,6 +118,7 @@ def measure_bandwidth() -> float:
 
 def build_engine(args) -> LLMEngine:
     cfg = EngineConfig(model_path=args.w, dtype=args.dtype, quant=args.quant,
+                       kv_cache_dtype=args.kv_cache_dtype,
                        max_num_seqs=args.num_seqs, kvcache_mem_mb=args.kvmem,
                        max_model_len=args.input_len + args.output_len + 16,
                        max_num_batched_tokens=args.max_num_batched_tokens,
@@ -145,6 +146,7 @@ def main(argv=None):
     src.add_argument("--w", help="model folder or .gguf (default: the built-in model)")
     src.add_argument("--model-shape", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "f16", "f32"])
     p.add_argument("--quant")
     p.add_argument("--num-seqs", type=int, default=16)
     p.add_argument("--input-len", type=int, default=128)
@@ -193,7 +195,7 @@ def main(argv=None):
 
     weight_bytes = engine.loaded.weight_bytes
     mc = engine.model_config
-    itemsize = np.dtype(to_dtype(args.dtype)).itemsize
+    itemsize = engine.runner.kv[0].dtype.itemsize
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * itemsize
     avg_ctx = args.input_len + args.output_len / 2
     step_bytes = weight_bytes + kv_per_token * avg_ctx * args.num_seqs
@@ -202,6 +204,7 @@ def main(argv=None):
     result = dict(
         model=args.model_shape or engine.loaded.path, backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, dtype=args.dtype,
+        kv_cache_dtype=str(engine.runner.kv[0].dtype),
         quant=args.quant, num_seqs=args.num_seqs, input_len=args.input_len,
         output_len=args.output_len, load_s=load_s, warmup_s=warm_s,
         compiles=engine.num_compiles - compiles, prefill_tok_s=args.num_seqs * args.input_len

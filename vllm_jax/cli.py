@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser):
                    help="model folder (safetensors) or .gguf file; default: smollm2-135m")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
                    help="compute dtype (auto: f32 on the CPU, bf16 on accelerators)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
+                   help="KV cache dtype (auto: the compute dtype; f16 halves a float32 cache's "
+                        "memory and reads, as llama.cpp's default cache does)")
     p.add_argument("--quant", help="quantize safetensors weights in situ (q4_0, q4k, q8_0, ...)")
     p.add_argument("--kvmem", type=positive(), default=4096, metavar="MB",
                    help="KV cache size in MB (default 4096)")
@@ -56,6 +59,7 @@ def add_engine_args(p: argparse.ArgumentParser):
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(model_path=args.w, dtype=args.dtype, quant=args.quant,
+                        kv_cache_dtype=args.kv_cache_dtype,
                         kvcache_mem_mb=args.kvmem, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -118,6 +118,7 @@ class EngineConfig:
     page_size: int = 16
     quant: str | None = None
     dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
+    kv_cache_dtype: str = "auto"  # auto = dtype; f16/bf16 halve a float32 cache (llama.cpp: f16)
     device_ids: list[int] | None = None  # global ids of the "tp" mesh; None = one device
     tensor_parallel_size: int | None = None  # the first N devices when no ids are given
     coordinator_address: str | None = None  # multi-host: host:port of process 0

@@ -61,23 +61,24 @@ class LLMEngine:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context "
                               f"length {cfg.max_position_embeddings}")
-        dtype = to_dtype(config.dtype)
+        kv_dtype = config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+        kv_dtype = to_dtype(kv_dtype)
         ps = config.page_size
-        per_page = kv_cache_bytes_per_page(cfg, ps, np.dtype(dtype).itemsize)
+        per_page = kv_cache_bytes_per_page(cfg, ps, np.dtype(kv_dtype).itemsize)
         num_pages = int(config.kvcache_mem_mb * 2**20 // per_page)
         if num_pages < -(-self.max_model_len // ps):
             raise ConfigError(
                 f"the KV cache ({config.kvcache_mem_mb} MB = {num_pages} pages of {ps} tokens) "
                 f"cannot hold one sequence of max_model_len={self.max_model_len}; raise --kvmem "
                 f"or lower --max-model-len")
-        log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, ps,
-                 num_pages * per_page / 2**20)
+        log.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)", num_pages, ps,
+                 num_pages * per_page / 2**20, np.dtype(kv_dtype).name)
         max_tokens = min(config.max_num_batched_tokens, self.max_model_len)
         max_tokens = max(max_tokens, min(16, self.max_model_len))
         max_prefill_seqs = min(8, config.max_num_seqs)
         self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
                                   self.max_model_len, config.max_num_seqs, max_tokens,
-                                  max_prefill_seqs, dtype, mesh=self.mesh)
+                                  max_prefill_seqs, kv_dtype, mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)

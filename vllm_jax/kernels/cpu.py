@@ -119,7 +119,8 @@ def qmatmul(x2: jax.Array, fields: dict, qtype: str) -> jax.Array:
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float,
                      sliding_window: int | None = None) -> jax.Array:
-    """paged_attention.decode_attention for float32 caches (same arguments, same result)."""
+    """paged_attention.decode_attention for float32/float16/bfloat16 caches (same arguments; the
+    cache is read as float32 and all arithmetic is float32)."""
     call = _call("vllm_jax_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_cache, v_cache, block_tables.astype(jnp.int32),
                context_lens.astype(jnp.int32), scale=np.float32(scale),

@@ -6,7 +6,8 @@
 // scores for the G query heads that share the KV head, an exact softmax over the context
 // (max first, then exp), and the weighted sum of values.
 //
-//   vllm_jax_decode_attention  q f32 [S, H, D], k_cache/v_cache f32 [KVH, P, PS, D],
+//   vllm_jax_decode_attention  q f32 [S, H, D], k_cache/v_cache [KVH, P, PS, D] of float32,
+//                              float16 or bfloat16 (read as float32; all math in float32),
 //                              block_tables i32 [S, B], context_lens i32 [S]
 //                              -> o f32 [S, H, D]; attrs scale, window (0 = none)
 #include "cpu_common.h"
@@ -38,8 +39,10 @@ inline f8 exp8(f8 x) {
   return p * two_n;
 }
 
+template <typename T>  // the caches' element type: float, half or bfloat16
 struct Attn {
-  const float *q, *k, *v;
+  const float* q;
+  const T *k, *v;
   const int32_t *tables, *lens;
   float* o;
   int64_t heads, kv_heads, dim, pages, page_size, max_pages;
@@ -47,7 +50,8 @@ struct Attn {
   int64_t window;
 };
 
-inline const float* kv_row(const Attn& a, const float* cache, int64_t s, int64_t h, int64_t j) {
+template <typename T>
+inline const T* kv_row(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j) {
   const int64_t page = a.tables[s * a.max_pages + j / a.page_size];
   return cache + ((h * a.pages + page) * a.page_size + j % a.page_size) * a.dim;
 }
@@ -69,11 +73,12 @@ inline f8 sum8(const f8 (&a)[8]) {
 // hardware prefetcher does not follow across pages: rows kAhead ahead are asked for early.
 constexpr int64_t kAhead = 32;
 
-inline void prefetch_rows(const Attn& a, const float* cache, int64_t s, int64_t h, int64_t j0,
+template <typename T>
+inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j0,
                           int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) {
     const char* r = reinterpret_cast<const char*>(kv_row(a, cache, s, h, j));
-    for (int64_t b = 0; b < a.dim * 4; b += 64) __builtin_prefetch(r + b, 0, 3);
+    for (int64_t b = 0; b < a.dim * int64_t(sizeof(T)); b += 64) __builtin_prefetch(r + b, 0, 3);
   }
 }
 
@@ -81,8 +86,8 @@ inline void prefetch_rows(const Attn& a, const float* cache, int64_t s, int64_t 
 // 8 rows (scores of 8 rows at once for each head, summed by sum8); values in blocks of up to 16
 // rows (each head's output, 8 vectors at a time, stays in registers over the block). D8 is the
 // head dimension in vectors (0: read it at run time).
-template <int D8>
-void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
+template <int D8, typename T>
+void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
             std::vector<f8>& acc) {
   const int64_t g_count = a.heads / a.kv_heads, d8 = D8 ? D8 : a.dim / 8;
   float* out = a.o + (s * a.heads + h * g_count) * a.dim;
@@ -100,14 +105,14 @@ void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
   for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
   prefetch_rows(a, a.k, s, h, lo, lo + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 8) {  // scores
-    const float* kr[8];
+    const T* kr[8];
     for (int r = 0; r < 8; ++r) kr[r] = kv_row(a, a.k, s, h, lo + std::min(j + r, n - 1));
     prefetch_rows(a, a.k, s, h, lo + std::min(j + kAhead, n), lo + std::min(j + kAhead + 8, n));
     for (int64_t g = 0; g < g_count; ++g) {
       f8 dot[8] = {};
       const f8* qg = qs + g * d8;
       for (int64_t i = 0; i < d8; ++i)
-        for (int r = 0; r < 8; ++r) dot[r] += qg[i] * load<f8>(kr[r] + 8 * i);
+        for (int r = 0; r < 8; ++r) dot[r] += qg[i] * load8(kr[r] + 8 * i);
       store(scores.data() + g * stride + j, sum8(dot));
     }
   }
@@ -127,7 +132,7 @@ void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
   prefetch_rows(a, a.v, s, h, lo, lo + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 16) {  // out[g] = sum_j p[g][j] v[j]
     const int rows = int(std::min<int64_t>(16, n - j));
-    const float* vr[16];
+    const T* vr[16];
     for (int r = 0; r < rows; ++r) vr[r] = kv_row(a, a.v, s, h, lo + j + r);
     prefetch_rows(a, a.v, s, h, lo + std::min(j + kAhead, n), lo + std::min(j + kAhead + 16, n));
     for (int64_t g = 0; g < g_count; ++g) {
@@ -140,7 +145,7 @@ void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
         for (int r = 0; r < rows; ++r) {
           const f8 pr = splat(p[r]);
           for (int i = 0; i < 8; ++i)
-            if (c + i < d8) o[i] += pr * load<f8>(vr[r] + 8 * (c + i));
+            if (c + i < d8) o[i] += pr * load8(vr[r] + 8 * (c + i));
         }
         for (int i = 0; i < 8; ++i)
           if (c + i < d8) ag[i] = o[i];
@@ -151,27 +156,46 @@ void attend(const Attn& a, int64_t s, int64_t h, std::vector<float>& scores,
     for (int64_t i = 0; i < d8; ++i) store(out + g * a.dim + 8 * i, acc[g * d8 + i] * inv[g]);
 }
 
-ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
-                           ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> o, float scale,
-                           int64_t window) {
-  Attn a;
-  const auto qd = q.dimensions(), kd = k.dimensions();
+template <typename T>
+ffi::Error Run(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens, float* o, float scale,
+               int64_t window) {
+  Attn<T> a;
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
+    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: unsupported shapes");
   a.heads = qd[1], a.dim = qd[2], a.kv_heads = kd[0], a.pages = kd[1], a.page_size = kd[2];
   a.max_pages = tables.dimensions()[1];
   if (a.dim % 8 || a.dim > 256 || a.heads % a.kv_heads || kd[3] != a.dim)
     return ffi::Error::InvalidArgument("vllm_jax_decode_attention: unsupported shapes");
-  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data();
-  a.tables = tables.typed_data(), a.lens = lens.typed_data(), a.o = o->typed_data();
+  a.q = q.typed_data(), a.o = o;
+  a.k = static_cast<const T*>(k.untyped_data()), a.v = static_cast<const T*>(v.untyped_data());
+  a.tables = tables.typed_data(), a.lens = lens.typed_data();
   a.scale = scale, a.window = window;
   const int64_t kvh = a.kv_heads;
   parallel_for(qd[0] * kvh, 1, [&a, kvh](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores;
     thread_local std::vector<f8> acc;
-    const auto f = a.dim == 64 ? attend<8> : a.dim == 128 ? attend<16> : attend<0>;
+    const auto f = a.dim == 64 ? attend<8, T> : a.dim == 128 ? attend<16, T> : attend<0, T>;
     for (int64_t i = i0; i < i1; ++i) f(a, i / kvh, i % kvh, scores, acc);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens,
+                           ffi::ResultBuffer<ffi::F32> o, float scale, int64_t window) {
+  if (v.element_type() != k.element_type())
+    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: K and V dtypes differ");
+  switch (k.element_type()) {
+    case ffi::DataType::F32: return Run<float>(q, k, v, tables, lens, o->typed_data(), scale, window);
+    case ffi::DataType::F16: return Run<half>(q, k, v, tables, lens, o->typed_data(), scale, window);
+    case ffi::DataType::BF16:
+      return Run<bfloat16>(q, k, v, tables, lens, o->typed_data(), scale, window);
+    default:
+      return ffi::Error::InvalidArgument("vllm_jax_decode_attention: cache dtype must be "
+                                         "float32, float16 or bfloat16");
+  }
 }
 
 }  // namespace
@@ -179,8 +203,8 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_decode_attention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

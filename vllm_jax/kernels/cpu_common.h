@@ -51,6 +51,54 @@ inline i32x8 widen(const Byte* p) {
 }
 inline f8 to_f8(i32x8 v) { return __builtin_convertvector(v, f8); }
 
+#if defined(__F16C__)
+inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+#else
+inline float f16(uint16_t h) {  // exact IEEE half -> float, subnormals included
+  uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
+  uint32_t bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man) {
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 1024));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 1023) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
+
+// 8 cache elements -> 8 floats: float32, IEEE half (F16C) or bfloat16 (the top 16 bits)
+inline f8 load8(const float* p) { return load<f8>(p); }
+
+struct half { uint16_t bits; };
+struct bfloat16 { uint16_t bits; };
+
+inline f8 load8(const half* p) {
+#if defined(__F16C__)
+  return (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  f8 r;
+  for (int i = 0; i < 8; ++i) r[i] = f16(p[i].bits);
+  return r;
+#endif
+}
+
+inline f8 load8(const bfloat16* p) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  const u32x8 bits = __builtin_convertvector(load<u16x8>(p), u32x8) << 16;
+  f8 r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
 inline float hsum(f8 v) {
   typedef float f4 __attribute__((vector_size(16)));
   f4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);

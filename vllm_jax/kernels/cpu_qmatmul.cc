@@ -27,29 +27,6 @@ struct Fields {  // row n of field i starts at base[i] + n * stride[i] (bytes)
   const uint8_t* row(int i, int64_t n) const { return base[i] + n * stride[i]; }
 };
 
-#if defined(__F16C__)
-float f16(uint16_t h) { return _cvtsh_ss(h); }
-#else
-float f16(uint16_t h) {  // exact IEEE half -> float, subnormals included
-  uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
-  uint32_t bits;
-  if (exp == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man) {
-    int e = -1;
-    do { man <<= 1; ++e; } while (!(man & 1024));
-    bits = sign | uint32_t(112 - e) << 23 | ((man & 1023) << 13);
-  } else {
-    bits = sign;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-#endif
-
 float f16_at(const uint8_t* p, int64_t i) {
   uint16_t h;
   std::memcpy(&h, p + 2 * i, 2);

@@ -157,14 +157,18 @@ def pallas_unsupported(k_cache) -> str | None:
         return f"page_size {page_size} is not a power of two"
     if hd & (hd - 1) or hd < 16:
         return f"head_dim {hd} is not a power of two >= 16"
+    return _dtype_unsupported(k_cache)
+
+
+def _dtype_unsupported(k_cache) -> str | None:
     if k_cache.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"cache dtype {k_cache.dtype} is not float32/bfloat16/float16"
     return None
 
 
 def cpu_unsupported(k_cache) -> str | None:
-    if k_cache.dtype != jnp.float32:
-        return f"cache dtype {k_cache.dtype} is not float32"
+    if problem := _dtype_unsupported(k_cache):
+        return problem
     hd = k_cache.shape[-1]
     return None if hd % 8 == 0 and hd <= 256 else f"head_dim {hd} is not a multiple of 8 <= 256"
 

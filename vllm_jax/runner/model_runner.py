@@ -81,7 +81,7 @@ def _unpack(flat, sizes):
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, dtype,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, kv_dtype,
                  mesh=None):
         self.cfg = model.cfg
         self.eos_ids = list(eos_ids)
@@ -98,7 +98,7 @@ class ModelRunner:
         self.prefill_seq_buckets = buckets(max_prefill_seqs)
         shape = kv_cache_shape(self.cfg, num_pages, page_size)
         where = None if mesh is None else parallel.kv_cache_sharding(self.cfg, mesh)
-        self.kv = [jnp.zeros(shape, dtype, device=where)  # K, V of layer 0, K, V of layer 1...
+        self.kv = [jnp.zeros(shape, kv_dtype, device=where)  # K, V of layer 0, K, V of layer 1...
                    for _ in range(2 * self.cfg.num_layers)]
         if mesh is not None:
             parallel.log_device_bytes("KV cache", self.kv, mesh)
