@@ -69,8 +69,9 @@ inline f8 sum8(const f8 (&a)[8]) {
          __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Rows are read in page-sized runs (page_size * dim * 4 bytes, 4 KiB by default) that the
-// hardware prefetcher does not follow across pages: rows kAhead ahead are asked for early.
+// Rows are read in page-sized runs (page_size * dim elements: 4 KiB of float32 by default)
+// that the hardware prefetcher does not follow across pages: rows kAhead ahead are asked for
+// early.
 constexpr int64_t kAhead = 32;
 
 template <typename T>
@@ -187,11 +188,11 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBu
                            ffi::ResultBuffer<ffi::F32> o, float scale, int64_t window) {
   if (v.element_type() != k.element_type())
     return ffi::Error::InvalidArgument("vllm_jax_decode_attention: K and V dtypes differ");
+  float* out = o->typed_data();
   switch (k.element_type()) {
-    case ffi::DataType::F32: return Run<float>(q, k, v, tables, lens, o->typed_data(), scale, window);
-    case ffi::DataType::F16: return Run<half>(q, k, v, tables, lens, o->typed_data(), scale, window);
-    case ffi::DataType::BF16:
-      return Run<bfloat16>(q, k, v, tables, lens, o->typed_data(), scale, window);
+    case ffi::DataType::F32: return Run<float>(q, k, v, tables, lens, out, scale, window);
+    case ffi::DataType::F16: return Run<half>(q, k, v, tables, lens, out, scale, window);
+    case ffi::DataType::BF16: return Run<bfloat16>(q, k, v, tables, lens, out, scale, window);
     default:
       return ffi::Error::InvalidArgument("vllm_jax_decode_attention: cache dtype must be "
                                          "float32, float16 or bfloat16");
