@@ -99,7 +99,7 @@ void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
   }
   const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
   const int64_t stride = (n + 7) / 8 * 8;
-  scores.resize(g_count * stride);
+  scores.resize(g_count * stride + g_count);  // then each head's 1 / sum of exps
   acc.assign(2 * g_count * d8, f8{});
   const float* q = a.q + (s * a.heads + h * g_count) * a.dim;  // G rows of dim
   f8* qs = acc.data() + g_count * d8;  // q * scale, as the reference scales it
@@ -117,7 +117,7 @@ void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
       store(scores.data() + g * stride + j, sum8(dot));
     }
   }
-  std::vector<float> inv(g_count);
+  float* inv = scores.data() + g_count * stride;  // no allocation per (sequence, head)
   for (int64_t g = 0; g < g_count; ++g) {  // softmax numerators, in place
     float* sc = scores.data() + g * stride;
     const float m = *std::max_element(sc, sc + n);
