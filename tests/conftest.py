@@ -31,6 +31,27 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 24}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    # sliding layers with a window shorter than the test prompts, a global layer with its own
+    # rotary base and linear scaling, query_pre_attn_scalar != head_dim, one KV head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 32, "num_key_value_heads": 1, "num_hidden_layers": 3, "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "query_pre_attn_scalar": 24, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    # a dense layer among the MoE ones; top-k weights not renormalized (Qwen3's default)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+        "mlp_only_layers": [1], "norm_topk_prob": False}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
+    # fused qkv / gate_up, LongRoPE (the short factors below 256 positions) on half the dims
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                            "partial_rotary_factor": 0.5,
+                            "short_factor": [1.0, 1.1, 1.3, 1.6],
+                            "long_factor": [1.0, 2.0, 4.0, 8.0],
+                            "original_max_position_embeddings": 256}}),
 }
 
 

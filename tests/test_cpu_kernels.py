@@ -1,6 +1,7 @@
-"""The C++ CPU kernels (kernels/cpu_*.cc, XLA FFI calls): the quantized matmul and dequantizer
-against gguf-py's dequantization, and paged decode attention against the XLA reference and a
-float64 softmax, with NaN in every cache slot outside a sequence's context."""
+"""The C++ CPU kernels (kernels/cpu_*.cc, XLA FFI calls): the quantized matmul (plain and grouped
+by expert) and dequantizer against gguf-py's dequantization, and paged decode attention against
+the XLA reference and a float64 softmax, with NaN in every cache slot outside a sequence's
+context."""
 from __future__ import annotations
 
 import gguf
@@ -12,6 +13,7 @@ import pytest
 from test_paged_attention import SCALE, decode_case, dense_attention
 from vllm_jax.kernels import cpu
 from vllm_jax.kernels import paged_attention as pa
+from vllm_jax.kernels.backend import resolve
 from vllm_jax.kernels.quant import QTYPES, qmatmul, quantize, repack
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
@@ -60,11 +62,84 @@ def test_qmatmul_backend_on_a_prefill_sized_batch():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _experts(qtype, experts, rows, seed):
+    """E experts' repacked fields stacked on axis 0, and their gguf-py float64 weights."""
+    elems = QTYPES[qtype][0]
+    cols = 2 * elems
+    rng = np.random.default_rng(seed)
+    qts = [quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+           for _ in range(experts)]
+    ws = [gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols) for qt in qts]
+    packed = [repack(qt) for qt in qts]
+    fields = {k: np.stack([f[k] for f in packed]) for k in packed[0]}
+    return fields, np.stack(ws).astype(np.float64), cols
+
+
+def _grouped_reference(x, ws, sizes):
+    ref, start = np.zeros((len(x), ws.shape[1])), 0
+    for e, n in enumerate(sizes):
+        ref[start:start + n] = x[start:start + n].astype(np.float64) @ ws[e].T
+        start += n
+    return ref  # rows past the groups: 0
+
+
+GROUPS = {  # tokens -> group sizes of 5 experts: empty experts, one expert, a padding tail
+    1: [[0, 0, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]],
+    3: [[1, 0, 1, 0, 1], [0, 3, 0, 0, 0], [0, 0, 2, 0, 0]],
+    17: [[4, 0, 7, 0, 6], [0, 0, 0, 0, 17], [2, 1, 1, 9, 0], [5, 0, 0, 0, 5]],
+}
+
+
+@pytest.mark.parametrize("qtype", ALL)
+@pytest.mark.parametrize("tokens", sorted(GROUPS))
+def test_grouped_qmatmul_matches_float64_reference(qtype, tokens):
+    fields, ws, cols = _experts(qtype, 5, 24, 6)
+    x = np.random.default_rng(7).standard_normal((tokens, cols)).astype(np.float32)
+    fn = jax.jit(lambda x, f, sizes: cpu.grouped_qmatmul(x, f, qtype, sizes))
+    for sizes in GROUPS[tokens]:
+        got = np.asarray(fn(jnp.asarray(x), {k: jnp.asarray(v) for k, v in fields.items()},
+                            jnp.asarray(sizes, jnp.int32)))
+        ref = _grouped_reference(x, ws, sizes)
+        assert got.shape == (tokens, 24)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert np.all(got[sum(sizes):] == 0)
+
+
+def test_grouped_qmatmul_group_sizes_from_bincount_and_many_tokens():
+    # group sizes computed inside jit (as a MoE layer does); 150 rows in one expert: 3 slices
+    fields, ws, cols = _experts("q4_k", 4, 30, 8)
+    x = np.random.default_rng(9).standard_normal((200, cols)).astype(np.float32)
+    expert = np.sort(np.random.default_rng(10).choice([0, 2, 2, 2, 3], 190))
+    fn = jax.jit(lambda x, f, e: cpu.grouped_qmatmul(x, f, "q4_k", jnp.bincount(e, length=4)))
+    got = np.asarray(fn(jnp.asarray(x), {k: jnp.asarray(v) for k, v in fields.items()},
+                        jnp.asarray(expert, jnp.int32)))
+    ref = _grouped_reference(x, ws, np.bincount(expert, minlength=4))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.all(got[190:] == 0)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+def test_grouped_qmatmul_does_not_read_experts_without_rows(qtype):
+    fields, ws, cols = _experts(qtype, 5, 24, 11)
+    x = np.random.default_rng(12).standard_normal((9, cols)).astype(np.float32)
+    sizes = jnp.asarray([3, 0, 6, 0, 0], jnp.int32)
+    clean = np.asarray(cpu.grouped_qmatmul(jnp.asarray(x), fields, qtype, sizes))
+    poisoned = {k: v.copy() for k, v in fields.items()}
+    for e in (1, 3, 4):  # every scale of the unused experts: float16 NaN (0x7e00)
+        poisoned["d"][e] = np.uint16(0x7E00).view(np.float16)
+    got = np.asarray(cpu.grouped_qmatmul(jnp.asarray(x), poisoned, qtype, sizes))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, clean)
+    np.testing.assert_allclose(got, _grouped_reference(x, ws, [3, 0, 6, 0, 0]), rtol=1e-5,
+                               atol=1e-5 * np.abs(got).max())
+
+
 @pytest.mark.parametrize("kvh,g,hd,lens,window", [
     (3, 3, 64, [1, 17, 40, 0, 33], None),  # SmolLM2's heads; a padding row (length 0)
     (2, 4, 128, [5, 64, 9], 6),  # sliding window
     (1, 1, 32, [16, 15], None),
     (2, 3, 96, [200, 7, 50], 100),  # head_dim 96: the kernel's generic (non-templated) path
+    (1, 4, 256, [40, 3, 90], 32),  # Gemma 3: head_dim 256, one KV head, a sliding window
 ])
 def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
     q, k, v, tables, context_lens = decode_case(11, kvh, g, hd, 16, lens)
@@ -81,7 +156,7 @@ def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_caches_are_read_as_float32(dtype):
-    assert pa.attention_backend("auto") == "cpu"
+    assert resolve("auto") == "cpu"
     q, k, v, tables, lens = decode_case(12, 2, 2, 64, 16, [9, 30, 0])
     half = [jnp.asarray(a, dtype) for a in (k, v)]
     args = (jnp.asarray(q), *half, jnp.asarray(tables), jnp.asarray(lens))

@@ -20,7 +20,9 @@ from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
 from vllm_jax.loader import load
 from vllm_jax.loader import safetensors as st
-from vllm_jax.models.llama import AttnMetadata, LlamaForCausalLM, kv_cache_shape
+from vllm_jax.models.layers import AttnMetadata
+from vllm_jax.models.llama import LlamaForCausalLM
+from vllm_jax.runner.model_runner import kv_cache_shape
 from vllm_jax.sampling_params import SamplingParams
 
 ARCHS = ["llama", "llama_tied", "llama31", "mistral", "qwen2", "qwen3"]
@@ -193,10 +195,10 @@ PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(3, 300, 20 + 9 * i
 def test_f32_gguf_loads_to_the_safetensors_model(tiny, arch):
     folder, _, path = tiny(arch)
     ref, got = load(str(folder), "f32"), load(str(path), "f32")
-    fields = [f for f in ref.config.__dataclass_fields__ if f != "rope_scaling"]
+    fields = [f for f in ref.config.__dataclass_fields__ if f != "rope"]
     same = {f: getattr(ref.config, f) for f in fields}
     assert {f: getattr(got.config, f) for f in fields} == same
-    np.testing.assert_allclose(got.config.inv_freq(), ref.config.inv_freq(), rtol=1e-6)
+    np.testing.assert_allclose(got.config.rope.inv_freq(), ref.config.rope.inv_freq(), rtol=1e-6)
 
     ref_w, got_w = (nnx.to_flat_state(nnx.state(m.model)) for m in (ref, got))
     assert [k for k, _ in got_w] == [k for k, _ in ref_w]
@@ -239,10 +241,11 @@ def test_q8_0_gguf_stays_quantized_and_computes_its_dequantized_model(tiny, arch
 
     q8 = gguf.GGMLQuantizationType.Q8_0
     weights = {}
-    for name, x in st.iter_tensors(st.checkpoint_files(folder)):
+    specs = LlamaForCausalLM.weights(ref.config)
+    for spec, x in st.read_weights(st.checkpoint_files(folder), specs):
         x = np.asarray(x, np.float32)
-        weights[name] = jnp.asarray(gguf.quants.dequantize(gguf.quants.quantize(x, q8), q8)
-                                    if x.ndim == 2 else x)
+        weights[spec.name] = jnp.asarray(gguf.quants.dequantize(gguf.quants.quantize(x, q8), q8)
+                                         if x.ndim == 2 else x)
     dequantized = SimpleNamespace(config=ref.config,
                                   model=LlamaForCausalLM(ref.config, weights, jnp.float32))
     f32, dq, packed = (Prefill(m, 3, 64)(PROMPTS) for m in (ref, dequantized, got))

@@ -68,7 +68,7 @@ HALF_KV_BOUND = {"f16": 2e-3, "bf16": 2e-2}
 @pytest.mark.parametrize("kv,backend", [("f16", "auto"), ("bf16", "auto"), ("f16", "xla")])
 def test_half_kv_cache_stays_close_to_transformers(model_dir, kv, backend):
     path, hf = model_dir("llama")
-    engine = engine_for(path, kv_cache_dtype=kv, attention_backend=backend)
+    engine = engine_for(path, kv_cache_dtype=kv, kernel_backend=backend)
     assert engine.runner.kv[0].dtype == {"f16": np.float16, "bf16": "bfloat16"}[kv]
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, PROMPT_LEN)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
@@ -82,7 +82,8 @@ def test_half_kv_cache_stays_close_to_transformers(model_dir, kv, backend):
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):
-    from vllm_jax.config import ConfigError, ModelConfig
+    from vllm_jax.config import ConfigError
+    from vllm_jax.models import from_hf
 
     with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'.*Llama"):
-        ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"]})
+        from_hf({"architectures": ["GPT2LMHeadModel"]})

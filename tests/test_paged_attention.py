@@ -169,12 +169,13 @@ def test_prefill_reference_matches_dense(window):
 
 def test_backend_names_resolve():
     from vllm_jax.kernels import cpu
+    from vllm_jax.kernels.backend import resolve
 
     want = {"gpu": "pallas", "cpu": "cpu" if cpu.available() else "xla"}
-    assert pa.attention_backend("auto") == want.get(jax.default_backend(), "xla")
-    assert pa.attention_backend("xla") == "xla"
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        pa.attention_backend("triton")
+    assert resolve("auto") == want.get(jax.default_backend(), "xla")
+    assert resolve("xla") == "xla"
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        resolve("triton")
 
 
 def test_dispatch_runs_the_chosen_backend_and_falls_back_on_unsupported_shapes():
@@ -191,7 +192,9 @@ def test_dispatch_runs_the_chosen_backend_and_falls_back_on_unsupported_shapes()
 
 def test_model_attention_uses_the_configured_backend():
     from vllm_jax.config import ModelConfig
-    from vllm_jax.models.llama import AttnMetadata, LlamaForCausalLM, kv_cache_shape
+    from vllm_jax.models.layers import AttnMetadata
+    from vllm_jax.models.llama import LlamaForCausalLM
+    from vllm_jax.runner.model_runner import kv_cache_shape
 
     cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=64,
                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -213,7 +216,7 @@ def test_model_attention_uses_the_configured_backend():
     kv = [(jnp.zeros(kv_cache_shape(cfg, num_pages, page_size)),) * 2]
     outs = []
     for backend in ("xla", "pallas_interpret"):
-        model = LlamaForCausalLM(cfg, weights, attention_backend=backend)
+        model = LlamaForCausalLM(cfg, weights, backend=backend)
         assert model.layers[0].self_attn.backend == backend
         hidden, _ = model(tokens, kv, meta, decode=False)
         outs.append(np.asarray(hidden))

@@ -1,5 +1,6 @@
 """GGUF block formats: bit-exact dequant vs gguf-py, byte-exact legacy quantizers, k-quant error
-bounds, and the fused Pallas kernel (interpret mode) against the XLA path."""
+bounds, and the fused Pallas kernels (interpret mode; the grouped MoE one too) against the XLA
+path and gguf-py."""
 from __future__ import annotations
 
 import os
@@ -196,6 +197,80 @@ def test_pallas_kernel_lowers_to_triton_for_every_type():
         fn = jax.jit(lambda x, f: qmatmul(x, f, qtype, cols, backend="pallas"))
         exported = export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, fields)
         assert "xla.gpu.triton" in exported.mlir_module(), qtype
+
+
+def stacked_experts(qtype, n_experts, rows, cols, seed):
+    """E random experts -> (stacked fields [E, rows, ...], gguf-py weights [E, rows, cols] f64)."""
+    qts = [random_raw(qtype, rows, cols // QTYPES[qtype][0], seed=seed + e)
+           for e in range(n_experts)]
+    per = [repack(qt) for qt in qts]
+    fields = {k: np.stack([f[k] for f in per]) for k in per[0]}
+    return fields, np.stack([gguf_dequant(qt).astype(np.float64) for qt in qts])
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_grouped_pallas_interpret_matches_numpy_reference(qtype):
+    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
+
+    cols = 2 * QTYPES[qtype][0] if qtype in KQUANTS else 96
+    fields, w = stacked_experts(qtype, 4, 32, cols, seed=10)  # two 16-row tiles per expert
+    x = np.random.default_rng(11).standard_normal((40, cols)).astype(np.float32)
+    run = jax.jit(grouped_fused_qmatmul, static_argnums=(3, 4), static_argnames="interpret")
+    # empty experts, a padding tail (7 rows), a 2-tile expert, one expert owning every row
+    for sizes in ([5, 0, 21, 7], [0, 40, 0, 0], [17, 16, 1, 6], [0, 0, 0, 0]):
+        got = np.asarray(run(jnp.asarray(x), fields, jnp.asarray(sizes, jnp.int32), qtype, cols,
+                             interpret=True))
+        ref = np.zeros((40, 32))
+        ends = np.cumsum(sizes)
+        for e, (lo, hi) in enumerate(zip(ends - sizes, ends)):
+            ref[lo:hi] = x[lo:hi].astype(np.float64) @ w[e].T
+        assert got.shape == (40, 32) and got.dtype == np.float32
+        assert not got[ends[-1]:].any()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
+                                   err_msg=str(sizes))
+
+
+def test_grouped_layout_gives_decode_tiles_only_to_chosen_experts():
+    from vllm_jax.kernels.quant_pallas import _group_layout
+
+    layout = jax.jit(_group_layout, static_argnums=(1, 2, 3))
+    rng = np.random.default_rng(12)
+    chosen = np.stack([rng.choice(128, 8, replace=False) for _ in range(16)])  # 16 tokens, top-8
+    sizes = np.bincount(chosen.ravel(), minlength=128)
+    tiles, tile_expert, src, dest = map(np.asarray, layout(jnp.asarray(sizes), 128, 128, 16))
+    used = tile_expert[tile_expert >= 0]
+    assert tiles == 128 and sorted(used) == sorted(set(chosen.ravel()))  # one tile per expert
+    assert (np.diff(used) > 0).all() and (tile_expert[len(used):] == -1).all()
+    np.testing.assert_array_equal(src[dest], np.arange(128))  # every row makes the round trip
+    for n_experts, tokens in ((3, 50), (64, 40), (8, 1)):  # the static tile count always suffices
+        for seed in range(20):
+            cuts = np.sort(np.random.default_rng(seed).integers(0, tokens + 1, n_experts))
+            sizes = np.diff(cuts, prepend=0)  # sum <= tokens: the rest is padding
+            tiles, tile_expert, src, dest = map(
+                np.asarray, layout(jnp.asarray(sizes), n_experts, tokens, 16))
+            assert (tile_expert >= 0).sum() == (-(-sizes // 16)).sum() <= tiles
+            real = np.arange(tokens) < sizes.sum()
+            np.testing.assert_array_equal(src[dest[real]], np.arange(tokens)[real])
+            assert (dest[~real] == tiles * 16).all()
+
+
+def test_grouped_pallas_kernel_lowers_to_triton():
+    pytest.importorskip("jax.experimental.pallas.triton")
+    from jax import export
+
+    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for qtype in ("q4_0", "q4_k", "q6_k"):
+        cols, n_experts = 512, 6
+        fields = {k: jax.ShapeDtypeStruct((n_experts, *v.shape), v.dtype)
+                  for k, v in repack(random_raw(qtype, 48, cols // QTYPES[qtype][0])).items()}
+        x = jax.ShapeDtypeStruct((37, cols), jnp.bfloat16)
+        sizes = jax.ShapeDtypeStruct((n_experts,), jnp.int32)
+        fn = jax.jit(lambda x, f, g: grouped_fused_qmatmul(x, f, g, qtype, cols))
+        exported = export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, fields, sizes)
+        assert "xla.gpu.triton" in exported.mlir_module(), qtype
+        assert exported.out_avals[0].shape == (37, 48)
 
 
 def test_auto_backend_on_cpu_is_xla():

@@ -94,21 +94,20 @@ def dequantized_engine(path, qtype):
     """The engine over a dense model holding gguf-py's dequantization of the cached blocks."""
     import jax.numpy as jnp
 
-    from vllm_jax.config import ModelConfig
+    from vllm_jax import models
     from vllm_jax.loader import LoadedModel
     from vllm_jax.loader.quantize import host_weights
-    from vllm_jax.models.llama import LlamaForCausalLM
     from vllm_jax.tokenizer import Tokenizer
 
-    cfg, host = host_weights(path, qtype)
+    cls, cfg, host = host_weights(path, qtype)
     weights = {}
     for name, x in host.items():
         if isinstance(x, quant.QuantTensor):
             x = gguf.quants.dequantize(x.raw, quant.QTYPES[x.qtype][2]).reshape(x.shape)
         weights[name] = jnp.asarray(np.asarray(x, np.float32))
-    loaded = LoadedModel(cfg, LlamaForCausalLM(cfg, weights, jnp.float32), Tokenizer.from_dir(path),
+    loaded = LoadedModel(cfg, cls(cfg, weights, jnp.float32), Tokenizer.from_dir(path),
                          str(path), 0)
-    assert cfg == ModelConfig.from_dir(path)
+    assert cfg == models.from_dir(path)[1]
     return LLMEngine(EngineConfig(model_path=str(path), dtype="f32", max_model_len=128,
                                   kvcache_mem_mb=2, max_num_seqs=4), loaded=loaded)
 
@@ -192,12 +191,12 @@ def test_save_gguf_keeps_packed_bytes_for_every_arch(model_dir, tmp_path):
 
     for arch, qtype in [("qwen2", "q8_0"), ("llama31", "q5_1"), ("mistral", "q4_1")]:
         path, _ = model_dir(arch)
-        cfg, host = host_weights(path, qtype)
+        cls, cfg, host = host_weights(path, qtype)
         out = tmp_path / f"{arch}.gguf"
-        save_gguf(out, cfg, host, path)
+        save_gguf(out, cls, cfg, host, path)
         a, b = load(str(path), "f32", quant=qtype), load(str(out), "f32", keep_quantized=True)
         assert b.config.sliding_window == a.config.sliding_window
-        np.testing.assert_allclose(b.config.inv_freq(), a.config.inv_freq(), rtol=1e-6)
+        np.testing.assert_allclose(b.config.rope.inv_freq(), a.config.rope.inv_freq(), rtol=1e-6)
         for la, lb in zip(a.model.layers, b.model.layers):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 x, y = getattr(la.self_attn, name), getattr(lb.self_attn, name)

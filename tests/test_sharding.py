@@ -106,20 +106,24 @@ def test_shard_map_kernels_match_unsharded(results):
 
 
 def test_rules_split_whole_heads_only():
+    from vllm_jax.models.llama import LlamaForCausalLM
+
     cfg = ModelConfig("llama", vocab_size=320, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True)
+    specs = {s.name: s for s in LlamaForCausalLM.weights(cfg)}
     assert parallel.kv_repeats(cfg, 4) == 2 and parallel.kv_repeats(cfg, 2) == 1
-    rules = parallel.logical_rules(cfg, 2)
-    assert parallel.weight_spec("layers.0.self_attn.k_proj.weight", (32, 64), rules, 2) == \
-        P("tp", None)
-    assert parallel.weight_spec("layers.0.self_attn.o_proj.weight", (64, 64), rules, 2) == \
-        P(None, "tp")
-    assert parallel.weight_spec("layers.0.self_attn.q_proj.bias", (64,), rules, 2) == \
-        P("tp")
-    assert parallel.weight_spec("layers.0.input_layernorm.weight", (64,), rules, 2) == P()
+    rules = parallel.logical_rules(cfg, 2, list(specs.values()))
+
+    def spec(name):
+        return parallel.weight_spec(specs[name].axes, specs[name].shape, rules, 2)
+
+    assert spec("layers.0.self_attn.k_proj.weight") == P("tp", None)
+    assert spec("layers.0.self_attn.o_proj.weight") == P(None, "tp")
+    assert spec("layers.0.self_attn.q_proj.bias") == P("tp")
+    assert spec("layers.0.input_layernorm.weight") == P(None)
     odd = ModelConfig("qwen3", vocab_size=321, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=6, num_kv_heads=3, head_dim=32)
-    rules = parallel.logical_rules(odd, 4)
+    rules = parallel.logical_rules(odd, 4, LlamaForCausalLM.weights(odd))
     assert parallel.kv_repeats(odd, 4) == 1
     assert rules["heads"] is None and rules["kv_heads"] is None and rules["vocab"] is None
     assert rules["mlp"] == "tp"
@@ -182,7 +186,7 @@ def _forward_logits(engine, prompt):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from vllm_jax.models.llama import AttnMetadata
+    from vllm_jax.models.layers import AttnMetadata
 
     r = engine.runner
     n = len(prompt)
@@ -287,7 +291,7 @@ def _shard_map_diffs() -> dict:
         cache = parallel.kv_cache_sharding(cfg, mesh)
         ks, vs = jax.device_put(k, cache), jax.device_put(v, cache)
         with jax.set_mesh(mesh):
-            got = jax.jit(lambda *a: parallel.shard_heads(fn, cfg)(*a, scale=0.25))(
+            got = jax.jit(lambda *a: parallel.shard_heads(fn, cfg.num_heads, cfg.num_kv_heads)(*a, scale=0.25))(
                 q, ks, vs, tables, lens)
         out["attention_" + name] = _relative(got, want)
 

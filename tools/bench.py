@@ -20,9 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vllm_jax import models  # noqa: E402
+from vllm_jax.args import add_engine_args, engine_config, positive  # noqa: E402
 from vllm_jax.config import EngineConfig, ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
-from vllm_jax.loader import LoadedModel, to_dtype  # noqa: E402
+from vllm_jax.kernels import quant as q  # noqa: E402
+from vllm_jax.loader import LoadedModel, host_dtype, to_dtype  # noqa: E402
 from vllm_jax.sampling_params import SamplingParams  # noqa: E402
 
 SHAPES = {  # Hugging Face config.json fields of the named models
@@ -44,6 +47,17 @@ SHAPES = {  # Hugging Face config.json fields of the named models
                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                          norm_topk_prob=True, rope_theta=1000000.0,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "gemma3-270m": dict(architectures=["Gemma3ForCausalLM"], vocab_size=262144, hidden_size=640,
+                        intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, sliding_window=512,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6,
+                        rope_theta=1000000.0, query_pre_attn_scalar=256),
 }
 
 
@@ -53,52 +67,28 @@ class RandomTokenizer:
     chat_template = None
 
 
-def weight_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"embed_tokens.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                   p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                   p + "mlp.gate_proj.weight": (cfg.intermediate_size, d),
-                   p + "mlp.up_proj.weight": (cfg.intermediate_size, d),
-                   p + "mlp.down_proj.weight": (d, cfg.intermediate_size)}
-        if cfg.attention_bias:
-            shapes |= {p + f"self_attn.{x}_proj.bias": (n,) for x, n in (("q", q), ("k", kv),
-                                                                          ("v", kv))}
-        if cfg.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (cfg.head_dim,),
-                       p + "self_attn.k_norm.weight": (cfg.head_dim,)}
-    return shapes
-
-
-def random_weights(cfg: ModelConfig, dtype, quant: str | None, seed: int = 0):
-    """Weights made on the device; quantized matrices get random packed blocks."""
-    from vllm_jax.kernels import quant as q
-    from vllm_jax.models.llama import PackedWeight
-
+def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 0):
+    """The model's declared weights made on the device; quantized matrices get random packed
+    blocks."""
     key = jax.random.key(seed)
     weights = {}
-    for i, (name, shape) in enumerate(weight_shapes(cfg).items()):
-        k = jax.random.fold_in(key, i)
+    for i, spec in enumerate(cls.weights(cfg)):
+        k, shape = jax.random.fold_in(key, i), spec.shape
         if len(shape) == 1:
-            weights[name] = jnp.ones(shape, dtype)
-        elif quant and name != "embed_tokens.weight" and q.can_quantize(shape, quant):
+            weights[spec.name] = jnp.ones(shape, host_dtype(spec, dtype))
+        elif quant and spec.quantize and q.can_quantize(shape, quant):
             sample = q.repack(q.quantize(np.random.default_rng(0).normal(
-                size=(1, shape[1])).astype(np.float32) * 0.02, quant))
+                size=(1, shape[-1])).astype(np.float32) * 0.02, quant))
             fields = {}
             for j, (fname, a) in enumerate(sample.items()):
-                fk, fshape = jax.random.fold_in(k, j), (shape[0],) + a.shape[1:]
+                fk, fshape = jax.random.fold_in(k, j), shape[:-1] + a.shape[1:]
                 if np.issubdtype(a.dtype, np.floating):
                     fields[fname] = jax.random.uniform(fk, fshape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
                 else:
                     fields[fname] = jax.random.bits(fk, fshape, a.dtype)
-            weights[name] = PackedWeight(quant, shape[1], fields)
+            weights[spec.name] = q.PackedWeight(quant, shape[-1], fields)
         else:
-            weights[name] = (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+            weights[spec.name] = (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
     return weights
 
 
@@ -117,48 +107,38 @@ def measure_bandwidth() -> float:
 
 
 def build_engine(args) -> LLMEngine:
-    cfg = EngineConfig(model_path=args.w, dtype=args.dtype, quant=args.quant,
-                       kv_cache_dtype=args.kv_cache_dtype,
-                       max_num_seqs=args.num_seqs, kvcache_mem_mb=args.kvmem,
-                       max_model_len=args.input_len + args.output_len + 16,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       keep_quantized=args.keep_quantized)
+    cfg = engine_config(args, max_num_seqs=args.num_seqs,
+                        max_model_len=args.max_model_len or args.input_len + args.output_len + 16,
+                        quant=None if args.model_shape else args.quant)
     if not args.model_shape:
         return LLMEngine(cfg)
-    from vllm_jax.models.llama import LlamaForCausalLM
-
-    mcfg = ModelConfig.from_hf(SHAPES[args.model_shape])
+    cls, mcfg = models.from_hf(SHAPES[args.model_shape])
     dtype = to_dtype(args.dtype)
     t = time.perf_counter()
-    weights = random_weights(mcfg, dtype, args.quant)
+    weights = random_weights(cls, mcfg, dtype, args.quant)
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
     jax.block_until_ready(weights)
     print(f"random weights: {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)
-    loaded = LoadedModel(mcfg, LlamaForCausalLM(mcfg, weights, dtype), RandomTokenizer(),
+    loaded = LoadedModel(mcfg, cls(mcfg, weights, dtype, cfg.kernel_backend), RandomTokenizer(),
                          args.model_shape, nbytes)
     return LLMEngine(cfg, loaded=loaded)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--w", help="model folder or .gguf (default: the built-in model)")
-    src.add_argument("--model-shape", choices=sorted(SHAPES))
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "f16", "f32"])
-    p.add_argument("--quant")
-    p.add_argument("--num-seqs", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--kvmem", type=float, default=4096)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--keep-quantized", action="store_const", const=True,
-                   help="keep GGUF weights packed on the CPU too")
+    add_engine_args(p)
+    p.add_argument("--model-shape", choices=sorted(SHAPES),
+                   help="a named architecture with random weights instead of --w")
+    p.add_argument("--num-seqs", type=positive(), default=16)
+    p.add_argument("--input-len", type=positive(), default=128)
+    p.add_argument("--output-len", type=positive(), default=128)
     p.add_argument("--compare", action="store_true",
                    help="also run transformers (and llama-cpp-python, if installed) on --w")
     p.add_argument("--json", default="bench.json")
     args = p.parse_args(argv)
+    if args.model_shape and args.w:
+        p.error("--model-shape makes random weights; it takes no --w")
 
     t0 = time.perf_counter()
     engine = build_engine(args)

@@ -13,11 +13,9 @@ from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vllm_jax.config import ConfigError, EngineConfig, ModelConfig
+from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm_jax.models.llama import rotate
 from vllm_jax.sampling_params import SamplingParams
 
 __all__ = ["CompletionOutput", "ConfigError", "Engine", "EngineConfig", "LLM", "Logprob",
@@ -48,10 +46,15 @@ class Engine:
     outputs are kept per request until that request's iterator asks for them.
     """
 
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, **options):
         from vllm_jax.engine.llm_engine import LLMEngine
 
-        self.llm_engine = LLMEngine(config or EngineConfig(**kwargs))
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}; engine options are: "
+                            f"{', '.join(sorted(fields))}")
+        self.llm_engine = LLMEngine(config or EngineConfig(**options))
         self._latest: dict[str, RequestOutput | None] = {}
         self._texts: dict[str, str] = {}
         self._ids = itertools.count()
@@ -162,20 +165,9 @@ def _is_single_prompt(p) -> bool:
 class LLM:
     """vLLM's offline entry point: `LLM(model=...).generate(prompts, sampling_params)`."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 64, seed: int = 0,
-                 quant: str | None = None, kvcache_mem_mb: int | None = None, **kwargs):
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(kwargs) - fields)
-        if unknown:
-            raise TypeError(f"LLM() got unexpected keyword arguments {unknown}; engine "
-                            f"options are: {', '.join(sorted(fields))}")
-        if kvcache_mem_mb is not None:
-            kwargs["kvcache_mem_mb"] = kvcache_mem_mb
-        config = EngineConfig(model_path=model, dtype=dtype,
-                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                              seed=seed, quant=quant, **kwargs)
-        self.engine = Engine(config)
+    def __init__(self, model: str | None = None, **options):
+        """options: EngineConfig's fields (dtype, max_model_len, kvcache_mem_mb, ...)."""
+        self.engine = Engine(model_path=model, **options)
         self.llm_engine = self.engine.llm_engine
 
     def get_tokenizer(self):
@@ -239,43 +231,10 @@ def load_model(path: str | None = None, dtype: str = "auto"):
 def forward_logits(model, token_ids) -> jax.Array:
     """token_ids [B, L] -> float32 logits [B, L, vocab], causal, without the paged KV cache.
 
-    A plain function of the model's weights: split the model with `nnx.split` and `nnx.merge`
-    it inside a loss to take `jax.grad` w.r.t. the parameters. Each row is independent, so
-    right-padding is safe (ignore the logits at padded positions).
+    The model's own forward in its cache-free mode, a plain function of its weights: split the
+    model with `nnx.split` and `nnx.merge` it inside a loss to take `jax.grad` w.r.t. the
+    parameters. Each row is independent, so right-padding is safe (ignore the logits at padded
+    positions).
     """
-    cfg: ModelConfig = model.cfg
-    ids = jnp.asarray(token_ids, jnp.int32)
-    b, length = ids.shape
-    x = model.embed_tokens(ids.reshape(-1))  # [B*L, hidden]
-    inv_freq = jnp.asarray(cfg.inv_freq())
-    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [L, 1, head_dim]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    pos = np.arange(length)
-    allowed = pos[None, :] <= pos[:, None]  # [L query, L key]
-    if cfg.sliding_window is not None:
-        allowed &= pos[None, :] > pos[:, None] - cfg.sliding_window
-    for layer in model.layers:
-        x = x + _dense_attention(layer.self_attn, layer.input_layernorm(x), cos, sin,
-                                 jnp.asarray(allowed), b, length)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.logits(model.norm(x)).reshape(b, length, -1)
-
-
-def _dense_attention(attn, x, cos, sin, allowed, b, length):
-    """x [B*L, hidden] -> [B*L, hidden]: the layer's projections around full causal attention."""
-    cfg = attn.cfg
-    kvh, hd = cfg.num_kv_heads, cfg.head_dim
-    g = cfg.num_heads // kvh
-    q = attn.q_proj(x).reshape(b, length, cfg.num_heads, hd)
-    k = attn.k_proj(x).reshape(b, length, kvh, hd)
-    v = attn.v_proj(x).reshape(b, length, kvh, hd)
-    if cfg.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    qg = q.reshape(b, length, kvh, g, hd).astype(jnp.float32) * hd ** -0.5
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))  # [B, kvh, G, L, L]
-    scores = jnp.where(allowed, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32)).astype(x.dtype)
-    return attn.o_proj(o.reshape(b * length, cfg.num_heads * hd))
+    hidden, _ = model(jnp.asarray(token_ids, jnp.int32))
+    return model.logits(hidden)

@@ -6,69 +6,8 @@ import logging
 import sys
 import time
 
-from vllm_jax.config import ConfigError, EngineConfig
-
-
-def positive(kind=int):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
-        return v
-    return parse
-
-
-def device_ids(s: str) -> list[int]:
-    try:
-        ids = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated device ids, got {s!r}") from None
-    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative device ids, got {s!r}")
-    return ids
-
-
-def add_engine_args(p: argparse.ArgumentParser):
-    p.add_argument("--w", "--weights", dest="w", metavar="PATH",
-                   help="model folder (safetensors) or .gguf file; default: smollm2-135m")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
-                   help="compute dtype (auto: f32 on the CPU, bf16 on accelerators)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
-                   help="KV cache dtype (auto: the compute dtype; f16 halves a float32 cache's "
-                        "memory and reads, as llama.cpp's default cache does)")
-    p.add_argument("--quant", help="quantize safetensors weights in situ (q4_0, q4k, q8_0, ...)")
-    p.add_argument("--kvmem", type=positive(), default=4096, metavar="MB",
-                   help="KV cache size in MB (default 4096)")
-    p.add_argument("--max-model-len", type=positive(), metavar="N")
-    p.add_argument("--max-num-seqs", type=positive(), default=64, metavar="N")
-    p.add_argument("--max-num-batched-tokens", type=positive(), default=512, metavar="N")
-    p.add_argument("--d", type=device_ids, metavar="IDS", help="device ids, e.g. 0,1,2,3")
-    p.add_argument("--tp", type=positive(), metavar="N", help="tensor parallel over the first N devices")
-    p.add_argument("--coordinator-address", metavar="HOST:PORT", help="multi-host: process 0's address")
-    p.add_argument("--num-processes", type=positive(), metavar="N", help="multi-host: process count")
-    p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cpu", "pallas"])
-    p.add_argument("--keep-quantized", action="store_const", const=True,
-                   help="keep GGUF weights packed on the CPU too (less memory, slower)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-prefix-caching", action="store_true")
-
-
-def engine_config(args) -> EngineConfig:
-    return EngineConfig(model_path=args.w, dtype=args.dtype, quant=args.quant,
-                        kv_cache_dtype=args.kv_cache_dtype,
-                        kvcache_mem_mb=args.kvmem, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        device_ids=args.d, tensor_parallel_size=args.tp,
-                        coordinator_address=args.coordinator_address,
-                        num_processes=args.num_processes, process_id=args.process_id,
-                        attention_backend=args.attention_backend, seed=args.seed,
-                        keep_quantized=args.keep_quantized,
-                        enable_prefix_caching=not args.no_prefix_caching)
+from vllm_jax.args import add_engine_args, engine_config, positive
+from vllm_jax.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

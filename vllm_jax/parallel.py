@@ -1,11 +1,16 @@
 """Tensor parallelism over one mesh axis, "tp", and multi-host start-up.
 
-The sharding is written once: WEIGHT_AXES names the logical axes of every weight (Hugging Face
-[out, in] layout) and `logical_rules` maps each logical axis to "tp" or to None (replicated).
-Column-parallel layers (q/k/v/gate/up) split their out features, row-parallel layers (o/down)
-split their in features, embeddings split the vocab; everything else is replicated. The step
-stays one jit: XLA's SPMD partitioner inserts the collectives (an all-reduce after o_proj and
-after down_proj in every layer, and gathers around the vocab-parallel embedding and lm_head).
+The sharding is written once: every model declares the logical axes of its weights
+(models/base.py Weight.axes: heads, kv_heads, embed, mlp, vocab, experts, expert_mlp) and
+`logical_rules` maps each logical axis to "tp" or to None (replicated). Column-parallel layers
+(q/k/v/gate/up) split their out features, row-parallel layers (o/down) split their in features,
+embeddings split the vocab; everything else is replicated. The step stays one jit: XLA's SPMD
+partitioner inserts the collectives (an all-reduce after o_proj and after down_proj in every
+layer, and gathers around the vocab-parallel embedding and lm_head).
+
+Mixture-of-Experts layers split every expert's FFN dimension (expert_mlp), not the experts: each
+device holds a slice of all experts, so its work is the same whichever experts the router picks,
+and the layer needs the same one all-reduce as a dense MLP (no all-to-all).
 
 An axis is split only when its size divides evenly, in whole heads. With fewer KV heads than
 devices (GQA, e.g. 2 KV heads on 4 devices) each KV head is copied tp / num_kv_heads times at
@@ -22,26 +27,17 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vllm_jax.config import ConfigError, ModelConfig
+from vllm_jax.kernels.quant import QTYPES, PackedWeight
+from vllm_jax.models.base import ConfigError, ModelConfig, Weight
 
 log = logging.getLogger("vllm_jax")
 
 TP = "tp"
-
-WEIGHT_AXES = (  # weight-name pattern -> logical axes of its dims; no match = replicated
-    (r"q_proj\.(weight|bias)$", ("heads", "embed")),
-    (r"[kv]_proj\.(weight|bias)$", ("kv_heads", "embed")),
-    (r"o_proj\.weight$", ("embed", "heads")),
-    (r"(gate|up)_proj\.weight$", ("mlp", "embed")),
-    (r"down_proj\.weight$", ("embed", "mlp")),
-    (r"(embed_tokens|lm_head)\.weight$", ("vocab", "embed")),
-)
 KV_CACHE_AXES = ("kv_heads", None, None, None)  # [num_kv_heads, num_pages, page_size, head_dim]
 
 
@@ -51,32 +47,30 @@ def kv_repeats(cfg: ModelConfig, tp: int) -> int:
     return tp // kvh if kvh < tp and tp % kvh == 0 and cfg.num_heads % tp == 0 else 1
 
 
-def logical_rules(cfg: ModelConfig, tp: int) -> dict:
-    """Logical axis -> mesh axis: "tp" where the size splits evenly over tp devices, else None.
-
-    cfg is the sharded model's config (after kv_repeats): attention splits all or nothing.
-    """
+def logical_rules(cfg: ModelConfig, tp: int, specs: list[Weight] = ()) -> dict:
+    """Logical axis -> mesh axis: "tp" where every dim carrying it splits evenly over tp
+    devices, else None. Attention splits all or nothing, in whole heads; cfg is the sharded
+    model's config (after kv_repeats)."""
     def split(n):
         return TP if tp > 1 and n % tp == 0 else None
 
     attention = split(cfg.num_kv_heads) and split(cfg.num_heads)
-    return {"heads": attention, "kv_heads": attention, "mlp": split(cfg.intermediate_size),
-            "vocab": split(cfg.vocab_size), "embed": None}
+    rules = {"heads": attention, "kv_heads": attention, "embed": None, "experts": None}
+    sizes: dict[str, set] = {}
+    for spec in specs:
+        for axis, n in zip(spec.axes, spec.shape):
+            sizes.setdefault(axis, set()).add(n)
+    for axis, ns in sizes.items():
+        if axis not in rules and axis is not None:
+            rules[axis] = TP if tp > 1 and all(n % tp == 0 for n in ns) else None
+    return rules
 
 
-def weight_axes(name: str) -> tuple:
-    for pattern, axes in WEIGHT_AXES:
-        if re.search(pattern, name):
-            return axes
-    return ()
-
-
-def weight_spec(name: str, shape: tuple, rules: dict, tp: int, blocks: int | None = None) -> P:
+def weight_spec(axes: tuple, shape: tuple, rules: dict, tp: int, blocks: int | None = None) -> P:
     """PartitionSpec of one weight. blocks: GGUF block width of a packed weight's columns."""
-    axes = weight_axes(name)[:len(shape)]
-    spec = [rules.get(a) if a else None for a in axes]
+    spec = [rules.get(a) if a else None for a in axes[:len(shape)]]
     for dim, size in enumerate(shape[:len(spec)]):
-        unit = blocks if dim == 1 and blocks else 1
+        unit = blocks if dim == len(shape) - 1 and blocks else 1
         if size % (unit * tp):
             spec[dim] = None
     return P(*spec)
@@ -120,8 +114,6 @@ def put(x, sharding: NamedSharding) -> jax.Array:
 def _repeat_heads(w, num_heads: int, repeats: int):
     """Rows [num_heads * head_dim, ...] -> [num_heads * repeats * head_dim, ...], each head's
     rows repeated in place (head i becomes heads i * repeats ... i * repeats + repeats - 1)."""
-    from vllm_jax.models.llama import PackedWeight
-
     if isinstance(w, PackedWeight):
         return w._replace(fields={k: _repeat_heads(v, num_heads, repeats)
                                   for k, v in w.fields.items()})
@@ -130,28 +122,29 @@ def _repeat_heads(w, num_heads: int, repeats: int):
     return np.repeat(heads, repeats, axis=0).reshape(-1, *x.shape[1:])
 
 
-def shard_model(weights: dict, cfg: ModelConfig, mesh: Mesh) -> tuple[ModelConfig, dict]:
-    """HF name -> array or PackedWeight (host or device), placed on the mesh by WEIGHT_AXES and
-    logical_rules. Returns the config the sharded weights describe (see kv_repeats)."""
-    from vllm_jax.models.llama import PackedWeight
-
+def shard_model(weights: dict, cfg: ModelConfig, specs: list[Weight],
+                mesh: Mesh) -> tuple[ModelConfig, dict]:
+    """Weight name -> array or PackedWeight (host or device), placed on the mesh by the declared
+    axes and logical_rules. Returns the config the sharded weights describe (see kv_repeats)."""
     tp = mesh.shape[TP]
     repeats = kv_repeats(cfg, tp)
     cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * repeats)
-    rules = logical_rules(cfg, tp)
+    rules = logical_rules(cfg, tp, specs)
     out = {}
-    for name, w in weights.items():
-        if repeats > 1 and re.search(r"[kv]_proj\.(weight|bias)$", name):
+    for spec in specs:
+        w = weights.get(spec.name)
+        if w is None:
+            continue
+        if repeats > 1 and spec.axes[0] == "kv_heads":
             w = _repeat_heads(w, cfg.num_kv_heads // repeats, repeats)
         if isinstance(w, PackedWeight):
-            from vllm_jax.kernels.quant import QTYPES
-
-            block, rows = QTYPES[w.qtype][0], next(iter(w.fields.values())).shape[0]
-            spec = weight_spec(name, (rows, w.cols), rules, tp, blocks=block)
-            sharding = NamedSharding(mesh, spec)
-            out[name] = w._replace(fields={k: put(v, sharding) for k, v in w.fields.items()})
+            lead = next(iter(w.fields.values())).shape[:-1]
+            sharding = NamedSharding(mesh, weight_spec(spec.axes, (*lead, w.cols), rules, tp,
+                                                       blocks=QTYPES[w.qtype][0]))
+            out[spec.name] = w._replace(fields={k: put(v, sharding) for k, v in w.fields.items()})
         else:
-            out[name] = put(w, NamedSharding(mesh, weight_spec(name, w.shape, rules, tp)))
+            out[spec.name] = put(w, NamedSharding(mesh, weight_spec(spec.axes, w.shape, rules,
+                                                                    tp)))
     return cfg, out
 
 
@@ -194,19 +187,20 @@ def log_device_bytes(what: str, tree, mesh: Mesh):
         f"{d.id}: {device_bytes(tree, d) / 2**20:.1f} MiB" for d in local))
 
 
-def shard_heads(attention_fn, cfg: ModelConfig, mesh: Mesh | None = None):
+def shard_heads(attention_fn, num_heads: int, num_kv_heads: int, mesh: Mesh | None = None):
     """Run a per-head attention kernel (a Pallas call SPMD cannot split) on each device's heads.
 
     attention_fn(q [T, heads, hd], k_cache, v_cache, *metadata, **static) as in
-    kernels/paged_attention.py; cfg is the sharded model's config. Under `jax.set_mesh` (the
-    runner sets it) or with `mesh`, it runs in a shard_map over "tp": each device sees its query
-    heads and its KV heads. Without a mesh, or with attention replicated, it returns
+    kernels/paged_attention.py; the head counts are the sharded model's. Under `jax.set_mesh`
+    (the runner sets it) or with `mesh`, it runs in a shard_map over "tp": each device sees its
+    query heads and its KV heads. Without a mesh, or with attention replicated, it returns
     attention_fn unchanged.
     """
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     if mesh.empty or TP not in mesh.axis_names:
         return attention_fn
-    if logical_rules(cfg, mesh.shape[TP])["heads"] is None:
+    tp = mesh.shape[TP]
+    if tp == 1 or num_heads % tp or num_kv_heads % tp:
         return attention_fn
     heads, cache = P(None, TP, None), P(TP, None, None, None)
 
@@ -249,6 +243,30 @@ def shard_qmatmul(qmatmul_fn, dim: int | None, mesh: Mesh | None = None):
 
         return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, {k: field_spec for k in fields}),
                              out_specs=out_spec, check_vma=False)(x, fields)
+
+    return sharded
+
+
+def shard_grouped_qmatmul(grouped_fn, dim: int | None, mesh: Mesh | None = None):
+    """shard_qmatmul for experts (fields [E, out, ...]): dim 1 splits each expert's out rows
+    (gate/up), dim 2 its in columns (down: partial sums added)."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if dim is None or mesh.empty or TP not in mesh.axis_names:
+        return grouped_fn
+    tp = mesh.shape[TP]
+
+    def sharded(xs, fields, group_sizes, qtype, cols, **static):
+        field_spec = P(None, TP, None) if dim == 1 else P(None, None, TP)
+        x_spec, out_spec = (P(), P(None, TP)) if dim == 1 else (P(None, TP), P())
+
+        def local(xs, fields, group_sizes):
+            y = grouped_fn(xs, fields, group_sizes, qtype, cols if dim == 1 else cols // tp,
+                           **static)
+            return y if dim == 1 else jax.lax.psum(y, TP)
+
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(x_spec, {k: field_spec for k in fields}, P()),
+                             out_specs=out_spec, check_vma=False)(xs, fields, group_sizes)
 
     return sharded
 

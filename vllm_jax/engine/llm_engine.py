@@ -9,13 +9,14 @@ import jax
 import numpy as np
 
 from vllm_jax import parallel
-from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.config import EngineConfig
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
-from vllm_jax.models.llama import kv_cache_bytes_per_page
-from vllm_jax.runner.model_runner import ModelRunner, enable_compilation_cache
+from vllm_jax.models.base import ConfigError
+from vllm_jax.runner.model_runner import (ModelRunner, enable_compilation_cache,
+                                          kv_cache_bytes_per_page)
 from vllm_jax.sampling_params import SamplingParams
 from vllm_jax.tokenizer import IncrementalDetokenizer
 
@@ -52,8 +53,9 @@ class LLMEngine:
         self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
         if loaded is None:  # a `loaded` handed in must already sit on self.mesh
             loaded = load(resolve_model_path(config.model_path), config.dtype, mesh=self.mesh,
-                          quant=config.quant, attention_backend=config.attention_backend,
-                          keep_quantized=config.keep_quantized)
+                          quant=config.quant, backend=config.kernel_backend,
+                          keep_quantized=config.keep_quantized,
+                          max_model_len=config.max_model_len)
         self.loaded = loaded
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -1,5 +1,5 @@
-"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul) and cpu_attention.cc (paged decode
-attention), XLA FFI custom calls built on first use.
+"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert) and
+cpu_attention.cc (paged decode attention), XLA FFI custom calls built on first use.
 
 The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
 FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
@@ -30,7 +30,7 @@ log = logging.getLogger("vllm_jax")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_attention.cc"]
 HEADERS = [HERE / "cpu_common.h"]
-TARGETS = ("vllm_jax_qmatmul", "vllm_jax_decode_attention")
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_grouped_qmatmul", "vllm_jax_decode_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
 FIELDS = {
     "q4_0": ("d", "qs"), "q4_1": ("d", "m", "qs"), "q5_0": ("d", "qh", "qs"),
@@ -115,6 +115,18 @@ def qmatmul(x2: jax.Array, fields: dict, qtype: str) -> jax.Array:
     rows = fields["d"].shape[0]
     call = _call("vllm_jax_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
     return call(x2.astype(jnp.float32), *_args(fields, qtype), qtype=QTYPE_CODE[qtype])
+
+
+def grouped_qmatmul(x2: jax.Array, fields: dict, qtype: str, group_sizes: jax.Array) -> jax.Array:
+    """x2 [N, cols] rows sorted by expert, group_sizes int32 [E] (sum <= N; rows past the sum are
+    padding and come out 0), fields: quant.repack fields of E experts stacked on a leading axis,
+    each [E, rows, ...] -> float32 [N, rows]; row i of group e is x2[i] @ W_e.T (W_e bit-identical
+    to quant.dequantize of expert e's fields). Only experts with rows are read."""
+    rows = fields["d"].shape[1]
+    call = _call("vllm_jax_grouped_qmatmul",
+                 jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
+    return call(x2.astype(jnp.float32), group_sizes.astype(jnp.int32), *_args(fields, qtype),
+                qtype=QTYPE_CODE[qtype])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float,

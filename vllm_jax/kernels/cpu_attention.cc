@@ -177,7 +177,10 @@ ffi::Error Run(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   parallel_for(qd[0] * kvh, 1, [&a, kvh](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores;
     thread_local std::vector<f8> acc;
-    const auto f = a.dim == 64 ? attend<8, T> : a.dim == 128 ? attend<16, T> : attend<0, T>;
+    const auto f = a.dim == 64    ? attend<8, T>
+                   : a.dim == 128 ? attend<16, T>
+                   : a.dim == 256 ? attend<32, T>  // Gemma 3
+                                  : attend<0, T>;
     for (int64_t i = i0; i < i1; ++i) f(a, i / kvh, i % kvh, scores, acc);
   });
   return ffi::Error::Success();

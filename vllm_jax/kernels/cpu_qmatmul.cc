@@ -6,9 +6,11 @@
 // gguf-py, so the weights are bit-identical to `gguf.quants.dequantize`), and multiplies them
 // by every token row while they are hot. Memory traffic is the packed bytes, ~5 bits a weight.
 //
-// The target reads the fields of kernels/quant.py's `repack` layout ([rows, ...] arrays, passed
-// in the order of FIELDS in kernels/cpu.py):
-//   vllm_jax_qmatmul  x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
+// The targets read the fields of kernels/quant.py's `repack` layout ([rows, ...] arrays, or E
+// experts stacked as [E, rows, ...], passed in the order of FIELDS in kernels/cpu.py):
+//   vllm_jax_qmatmul          x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
+//   vllm_jax_grouped_qmatmul  x f32 [T, cols] (rows sorted by expert), group_sizes i32 [E],
+//                             fields... [E, rows, ...] -> y f32 [T, rows] (0 past the groups)
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -79,7 +81,9 @@ void dequant_row_legacy(const Fields& f, int64_t n, int64_t nb, float* out) {
 }
 
 // One weight row -> out[cols]. Products are computed as gguf-py does (scale * q, then +/- min);
-// they are exact in float32, so contracting them into FMAs changes nothing.
+// they are exact in float32, so contracting them into FMAs changes nothing. K-quants go one
+// scale's 16 or 32 weights at a time, a loop the compiler vectorizes: per element (index
+// arithmetic for every weight) they decoded 5-15x slower, and decode is what few tokens wait on.
 void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
   switch (t) {
     case Q4_0: return dequant_row_legacy<Q4_0>(f, n, nb, out);
@@ -89,12 +93,13 @@ void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
     case Q8_0: return dequant_row_legacy<Q8_0>(f, n, nb, out);
     case Q2_K: {  // fields d, dmin, sc, qs
       const uint8_t *d = f.row(0, n), *dm = f.row(1, n), *sc = f.row(2, n), *qs = f.row(3, n);
-      for (int64_t b = 0; b < nb; ++b, out += 256) {
+      for (int64_t b = 0; b < nb; ++b) {
         const float db = f16_at(d, b), mb = f16_at(dm, b);
-        for (int e = 0; e < 256; ++e) {
-          const int h = e >> 7, g = (e >> 5) & 3, k = e & 31, s = sc[16 * b + (e >> 4)];
-          const int q = (qs[64 * b + 32 * h + k] >> (2 * g)) & 3;
-          out[e] = db * float(s & 15) * float(q) - mb * float(s >> 4);
+        for (int j = 0; j < 16; ++j, out += 16) {  // 16 weights of scale j: element 16j + i
+          const int s = sc[16 * b + j], shift = 2 * ((j >> 1) & 3);
+          const float dl = db * float(s & 15), ml = mb * float(s >> 4);
+          const uint8_t* q2 = qs + 64 * b + 32 * (j >> 3) + 16 * (j & 1);
+          for (int i = 0; i < 16; ++i) out[i] = dl * float((q2[i] >> shift) & 3) - ml;
         }
       }
       return;
@@ -102,13 +107,17 @@ void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
     case Q3_K: {  // fields d, sc (int8, -32..31), hmask, qs
       const uint8_t *d = f.row(0, n), *hm = f.row(2, n), *qs = f.row(3, n);
       const int8_t* sc = reinterpret_cast<const int8_t*>(f.row(1, n));
-      for (int64_t b = 0; b < nb; ++b, out += 256) {
+      for (int64_t b = 0; b < nb; ++b) {
         const float db = f16_at(d, b);
-        for (int e = 0; e < 256; ++e) {
-          const int h = e >> 7, g = (e >> 5) & 3, k = e & 31;
-          const int low = (qs[64 * b + 32 * h + k] >> (2 * g)) & 3;
-          const int high = (hm[32 * b + k] >> (e >> 5)) & 1;
-          out[e] = db * float(sc[16 * b + (e >> 4)]) * float(low - 4 + 4 * high);
+        for (int j = 0; j < 16; ++j, out += 16) {
+          const float dl = db * float(sc[16 * b + j]);
+          const uint8_t* q2 = qs + 64 * b + 32 * (j >> 3) + 16 * (j & 1);
+          const uint8_t* h1 = hm + 32 * b + 16 * (j & 1);
+          const int shift = 2 * ((j >> 1) & 3);
+          for (int i = 0; i < 16; ++i) {
+            const int low = (q2[i] >> shift) & 3, high = (h1[i] >> (j >> 1)) & 1;
+            out[i] = dl * float(low - 4 + 4 * high);
+          }
         }
       }
       return;
@@ -118,13 +127,16 @@ void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
       const uint8_t *d = f.row(0, n), *dm = f.row(1, n), *sc = f.row(2, n), *m = f.row(3, n);
       const uint8_t* qh = five ? f.row(4, n) : nullptr;
       const uint8_t* qs = f.row(five ? 5 : 4, n);
-      for (int64_t b = 0; b < nb; ++b, out += 256) {
+      for (int64_t b = 0; b < nb; ++b) {
         const float db = f16_at(d, b), mb = f16_at(dm, b);
-        for (int e = 0; e < 256; ++e) {
-          const int c = e >> 6, g = (e >> 5) & 1, k = e & 31, sub = e >> 5;
-          int q = (qs[128 * b + 32 * c + k] >> (4 * g)) & 15;
-          if (five) q |= ((qh[32 * b + k] >> sub) & 1) << 4;
-          out[e] = db * float(sc[8 * b + sub]) * float(q) - mb * float(m[8 * b + sub]);
+        for (int j = 0; j < 8; ++j, out += 32) {  // 32 weights of scale j: element 32j + i
+          const float dl = db * float(sc[8 * b + j]), ml = mb * float(m[8 * b + j]);
+          const uint8_t* q4 = qs + 128 * b + 32 * (j >> 1);
+          for (int i = 0; i < 32; ++i) {
+            int q = (q4[i] >> (4 * (j & 1))) & 15;
+            if (five) q |= ((qh[32 * b + i] >> j) & 1) << 4;
+            out[i] = dl * float(q) - ml;
+          }
         }
       }
       return;
@@ -132,13 +144,17 @@ void dequant_row(QType t, const Fields& f, int64_t n, int64_t nb, float* out) {
     case Q6_K: {  // fields d, sc (int8), ql, qh
       const uint8_t *d = f.row(0, n), *ql = f.row(2, n), *qh = f.row(3, n);
       const int8_t* sc = reinterpret_cast<const int8_t*>(f.row(1, n));
-      for (int64_t b = 0; b < nb; ++b, out += 256) {
+      for (int64_t b = 0; b < nb; ++b) {
         const float db = f16_at(d, b);
-        for (int e = 0; e < 256; ++e) {
-          const int h = e >> 7, r = e & 127;
-          const int lo = (ql[128 * b + 64 * h + (r & 63)] >> (4 * (r >> 6))) & 15;
-          const int hi = (qh[64 * b + 32 * h + (r & 31)] >> (2 * (r >> 5))) & 3;
-          out[e] = db * float(sc[16 * b + (e >> 4)]) * float((lo | hi << 4) - 32);
+        for (int j = 0; j < 16; ++j, out += 16) {
+          const float dl = db * float(sc[16 * b + j]);
+          const uint8_t* lo4 = ql + 128 * b + 64 * (j >> 3) + 16 * (j & 3);
+          const uint8_t* hi2 = qh + 64 * b + 32 * (j >> 3) + 16 * (j & 1);
+          for (int i = 0; i < 16; ++i) {
+            const int lo = (lo4[i] >> (4 * ((j >> 2) & 1))) & 15;
+            const int hi = (hi2[i] >> (2 * ((j >> 1) & 3))) & 3;
+            out[i] = dl * float((lo | hi << 4) - 32);
+          }
         }
       }
       return;
@@ -198,16 +214,20 @@ void fused(const Fields& f, int64_t nb, const float* x, int64_t cols, const Out&
   write(acc, o, 1);
 }
 
-bool read_fields(const ffi::RemainingArgs& args, size_t first, Fields* f, int64_t* rows) {
-  if (args.size() - first > size_t(kMaxFields)) return false;
+// Each field is [rows, ...] (ndim 2) or [experts, rows, ...] (ndim 3, the grouped target), all
+// contiguous: row n of the whole [experts * rows, ...] starts at base + n * stride.
+bool read_fields(const ffi::RemainingArgs& args, size_t first, size_t ndim, Fields* f,
+                 int64_t* experts, int64_t* rows) {
+  if (args.size() <= first || args.size() - first > size_t(kMaxFields)) return false;
   for (size_t i = first; i < args.size(); ++i) {
     auto buf = args.get<ffi::AnyBuffer>(i);
-    if (buf.has_error()) return false;
+    if (buf.has_error() || buf->dimensions().size() != ndim) return false;
     auto dims = buf->dimensions();
-    if (dims.size() != 2) return false;
-    if (i == first) *rows = dims[0];
+    const int64_t e = ndim == 3 ? dims[0] : 1, r = dims[ndim - 2];
+    if (i == first) *experts = e, *rows = r;
+    if (e != *experts || r != *rows) return false;
     f->base[i - first] = static_cast<const uint8_t*>(buf->untyped_data());
-    f->stride[i - first] = int64_t(buf->size_bytes() / std::max<int64_t>(dims[0], 1));
+    f->stride[i - first] = int64_t(buf->size_bytes() / std::max<int64_t>(e * r, 1));
   }
   return true;
 }
@@ -335,7 +355,8 @@ ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
                    ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
   Problem whole{};
   whole.t = QType(qtype);
-  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, &whole.f, &whole.rows))
+  int64_t experts;
+  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, 2, &whole.f, &experts, &whole.rows))
     return ffi::Error::InvalidArgument("vllm_jax_qmatmul: bad quantized weight fields");
   const int64_t tokens = x.dimensions()[0], rows = whole.rows;
   whole.cols = x.dimensions()[1], whole.nb = whole.cols / block_elems(whole.t);
@@ -357,11 +378,91 @@ ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
   return ffi::Error::Success();
 }
 
+// -- the grouped (mixture-of-experts) matmul --------------------------------------------------
+//
+// Each expert with rows becomes Problems of its own (one per kSliceTokens slice of its rows)
+// over its slices of x and y and its rows of the stacked fields, so an expert with no rows is
+// never read: a decode step touches only the experts its tokens chose.
+
+// Work is split by estimated cost, not by rows: a weight row costs about kRowCost tokens' worth
+// of products to stream and dequantize, plus one per token, so one expert with 60 tokens is
+// not lumped in with the same number of rows of experts that have 1 token each.
+constexpr int64_t kRowCost = 8;
+
+ffi::Error GroupedQMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_sizes,
+                          ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t qtype) {
+  Problem whole{};
+  whole.t = QType(qtype);
+  int64_t experts;
+  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, 3, &whole.f, &experts, &whole.rows) ||
+      experts != int64_t(group_sizes.element_count()))
+    return ffi::Error::InvalidArgument("vllm_jax_grouped_qmatmul: bad quantized weight fields");
+  const int64_t tokens = x.dimensions()[0], rows = whole.rows;
+  whole.cols = x.dimensions()[1], whole.nb = whole.cols / block_elems(whole.t);
+  std::vector<Problem> probs;
+  std::vector<int64_t> xt_at;  // each problem's offset in xt, -1: few tokens, no transpose
+  int64_t t0 = 0, xt_size = 0;
+  for (int64_t e = 0; e < experts; ++e) {  // sizes are clamped: a bad one cannot overrun x
+    const int64_t end = std::min(tokens, t0 + std::max(0, group_sizes.typed_data()[e]));
+    for (int64_t s = t0; s < end; s += kSliceTokens) {
+      Problem p = whole;
+      for (int i = 0; i < kMaxFields && p.f.base[i]; ++i) p.f.base[i] += e * rows * p.f.stride[i];
+      p.tokens = std::min(kSliceTokens, end - s);
+      p.x = x.typed_data() + s * p.cols, p.y = y->typed_data() + s * rows;
+      p.padded_tokens = (p.tokens + 7) / 8 * 8;
+      xt_at.push_back(p.tokens > kFewTokens ? xt_size : -1);
+      xt_size += p.tokens > kFewTokens ? p.cols * p.padded_tokens : 0;
+      probs.push_back(p);
+    }
+    t0 = std::max(t0, end);
+  }
+  std::fill(y->typed_data() + t0 * rows, y->typed_data() + tokens * rows, 0.f);  // padding
+  // every slice's x^T at once (the size of x), so the experts' weights are read in one pass
+  thread_local std::vector<float> xt_buf;  // the caller's: helpers see it through `xt`
+  xt_buf.resize(xt_size);
+  float* const xt = xt_buf.data();
+  for (size_t i = 0; i < probs.size(); ++i)
+    if (xt_at[i] >= 0) probs[i].xt = xt + xt_at[i];
+  parallel_for(int64_t(probs.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Problem& p = probs[i];
+      if (p.xt) transpose(p.x, p.tokens, p.cols, p.padded_tokens, xt + xt_at[i]);
+    }
+  });
+  // (problem, row range) work items: problem i spans costs [start[i], start[i + 1]); a chunk of
+  // costs [v0, v1) takes the rows whose cost starts in it, in runs of 12 rows as qmatmul's
+  std::vector<int64_t> start(probs.size() + 1, 0);
+  for (size_t i = 0; i < probs.size(); ++i)
+    start[i + 1] = start[i] + rows * (kRowCost + probs[i].tokens);
+  auto first_row = [&](size_t i, int64_t v) {
+    const int64_t cost = kRowCost + probs[i].tokens;
+    const int64_t n = (std::max<int64_t>(0, v - start[i]) + cost - 1) / cost;
+    return std::min(rows, (n + 11) / 12 * 12);
+  };
+  parallel_for(start.back(), 1, [&](int64_t v0, int64_t v1) {
+    size_t i = std::upper_bound(start.begin(), start.end(), v0) - start.begin() - 1;
+    for (; i < probs.size() && start[i] < v1; ++i) {
+      const int64_t n0 = first_row(i, v0), n1 = first_row(i, v1);
+      if (n0 < n1) matmul_rows(probs[i], n0, n1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_qmatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_grouped_qmatmul, GroupedQMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype"));

@@ -4,7 +4,7 @@ Cache layout per layer: K and V as [num_kv_heads, num_pages, page_size, head_dim
 A token's KV lives at slot = page * page_size + offset; slot_mapping entries past the cache
 (padding rows) are dropped on write.
 
-`decode` and `prefill` pick an implementation by backend name (see `attention_backend`):
+`decode` and `prefill` pick an implementation by backend name (kernels/backend.py):
 "xla" (the reference, used on Metal and as the test oracle), "cpu" (decode by the C++ kernel
 in cpu_attention.cc, prefill by XLA), "pallas" (GPU, Triton lowering) or "pallas_interpret"
 (the Pallas kernels run by the interpreter, for tests on CPU).
@@ -47,7 +47,7 @@ def _chunking(block_tables, page_size, chunk_tokens=CHUNK_TOKENS):
     return block_tables, pages_per_chunk
 
 
-def _online_softmax(num_chunks, init, chunk_fn):
+def _online_softmax(first_chunk, num_chunks, init, chunk_fn):
     def body(c, carry):
         m, l, acc = carry
         scores, v, valid = chunk_fn(c)  # scores/valid [..., keys], v [..., keys, hd]
@@ -60,7 +60,7 @@ def _online_softmax(num_chunks, init, chunk_fn):
         acc = acc * alpha[..., None] + jnp.einsum("...c,...cd->...d", p, v)
         return m_new, l, acc
 
-    m, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    m, l, acc = jax.lax.fori_loop(first_chunk, num_chunks, body, init)
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
@@ -93,7 +93,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale,
 
     init = (jnp.full((s, kvh, g), -jnp.inf), jnp.zeros((s, kvh, g)), jnp.zeros((s, kvh, g, hd)))
     num_chunks = (context_lens.max() + chunk - 1) // chunk
-    out = _online_softmax(num_chunks, init, chunk_fn)
+    first = 0
+    if sliding_window is not None:  # keys before every row's window are never read
+        live = jnp.where(context_lens > 0, context_lens - sliding_window, num_chunks * chunk)
+        first = jnp.maximum(live.min(), 0) // chunk
+    out = _online_softmax(first, num_chunks, init, chunk_fn)
     return out.reshape(s, h, hd).astype(q.dtype)
 
 
@@ -129,26 +133,14 @@ def prefill_attention(q, k_cache, v_cache, seq_idx, positions, block_tables, con
 
     init = (jnp.full((t, kvh, g), -jnp.inf), jnp.zeros((t, kvh, g)), jnp.zeros((t, kvh, g, hd)))
     num_chunks = (context_lens.max() + chunk - 1) // chunk
-    out = _online_softmax(num_chunks, init, chunk_fn)
+    first = 0
+    if sliding_window is not None:  # keys before every token's window are never read
+        first = jnp.maximum(positions.min() - sliding_window + 1, 0) // chunk
+    out = _online_softmax(first, num_chunks, init, chunk_fn)
     return out.reshape(t, h, hd).astype(q.dtype)
 
 
-# -- backend choice -------------------------------------------------------------------------------
-
-BACKENDS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
-
-
-def attention_backend(name: str = "auto") -> str:
-    """Resolve a backend name: "auto" is "pallas" on GPU, "cpu" (the C++ decode kernel, XLA's
-    prefill) on the CPU where that kernel builds, and "xla" elsewhere."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
-    if name == "auto":
-        from vllm_jax.kernels.quant import default_backend
-
-        return default_backend()  # the same choice as the quantized matmul's
-    return name
-
+# -- backend choice (kernels/backend.py) ---------------------------------------------------------
 
 def pallas_unsupported(k_cache) -> str | None:
     """Why the Pallas kernels cannot take this cache (static shapes/dtype), or None."""
@@ -174,7 +166,9 @@ def cpu_unsupported(k_cache) -> str | None:
 
 
 def _resolve(backend: str, k_cache) -> str:
-    name = attention_backend(backend)
+    from vllm_jax.kernels.backend import resolve
+
+    name = resolve(backend)
     check = {"xla": lambda _: None, "cpu": cpu_unsupported}.get(name, pallas_unsupported)
     problem = check(k_cache)
     if problem is None:

@@ -23,6 +23,7 @@ Scales stay float16 and are widened to float32 before use, in the order gguf-py 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import gguf
 import jax
@@ -48,9 +49,18 @@ QTYPES: dict[str, tuple[int, int, gguf.GGMLQuantizationType]] = {
 
 @dataclass(frozen=True)
 class QuantTensor:
+    """GGUF bytes on the host: shape (rows, cols) = [out_features, in_features], or
+    (experts, rows, cols); raw is uint8 [..., rows, cols // block_elems * block_bytes]."""
     qtype: str
-    shape: tuple[int, int]  # (rows, cols) = [out_features, in_features]
-    raw: np.ndarray  # uint8 [rows, cols // block_elems * block_bytes]
+    shape: tuple
+    raw: np.ndarray
+
+
+class PackedWeight(NamedTuple):
+    """A quantized matrix on the device: `repack`'s fields ([rows, ...], or [experts, rows, ...])."""
+    qtype: str
+    cols: int
+    fields: dict
 
 
 def qtype_name(ggml_type: gguf.GGMLQuantizationType) -> str:
@@ -122,7 +132,9 @@ _SPANS = {
 
 
 def repack(qt: QuantTensor) -> dict[str, np.ndarray]:
-    rows, cols = qt.shape
+    """GGUF bytes -> {field: [..., rows, ...]} (leading dims as in qt.shape)."""
+    *lead, cols = qt.shape
+    rows = int(np.prod(lead))
     elems, size, _ = QTYPES[qt.qtype]
     blocks = np.asarray(qt.raw, dtype=np.uint8).reshape(rows, cols // elems, size)
     fields = {
@@ -134,7 +146,7 @@ def repack(qt: QuantTensor) -> dict[str, np.ndarray]:
     elif qt.qtype in ("q4_k", "q5_k"):
         sc, m = _k_scales_unpack(blocks[:, :, 4:16])
         fields["sc"], fields["m"] = sc.reshape(rows, -1), m.reshape(rows, -1)
-    return fields
+    return {k: v.reshape(*lead, -1) for k, v in fields.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,24 +230,11 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
     return w.reshape(r, cols).astype(dtype)
 
 
-def default_backend() -> str:
-    """pallas on GPUs, the C++ kernels on the CPU when they build, XLA otherwise (Metal); the
-    choice for both the quantized matmul and paged attention."""
-    platform = jax.default_backend()
-    if platform == "gpu":
-        return "pallas"
-    if platform == "cpu":
-        from vllm_jax.kernels import cpu
-
-        if cpu.available():
-            return "cpu"
-    return "xla"
-
-
 def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto"):
-    """x [..., cols] @ W.T -> [..., rows]. backend: auto | xla | cpu | pallas | pallas_interpret."""
-    if backend == "auto":
-        backend = default_backend()
+    """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend."""
+    from vllm_jax.kernels.backend import resolve
+
+    backend = resolve(backend)
     rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
     dims = (((1,), (1,)), ((), ()))
@@ -419,8 +418,8 @@ def _quantize_k(x: np.ndarray, qtype: str) -> np.ndarray:
 
 
 def quantize(w: np.ndarray, qtype: str) -> QuantTensor:
-    """float32 [rows, cols] -> QuantTensor (host numpy; processed in chunks of blocks)."""
-    rows, cols = w.shape
+    """float32 [..., rows, cols] -> QuantTensor (host numpy; processed in chunks of blocks)."""
+    *lead, cols = w.shape
     elems, size, _ = QTYPES[qtype]
     if not can_quantize(w.shape, qtype):
         raise ValueError(f"{qtype} needs cols % {elems} == 0, got shape {w.shape}")
@@ -428,4 +427,4 @@ def quantize(w: np.ndarray, qtype: str) -> QuantTensor:
     fn = _quantize_k if qtype.endswith("_k") else _quantize_legacy
     step = 1 << 14 if elems == 32 else 1 << 10  # blocks per chunk: temporaries stay in cache
     raw = np.concatenate([fn(blocks[i:i + step], qtype) for i in range(0, len(blocks), step)])
-    return QuantTensor(qtype, (rows, cols), raw.reshape(rows, cols // elems * size))
+    return QuantTensor(qtype, tuple(w.shape), raw.reshape(*lead, cols // elems * size))

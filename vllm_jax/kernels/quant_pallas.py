@@ -6,8 +6,10 @@ super-block (256) per loop step, and dequantizes "units" of 16 or 32 values that
 a unit is [block_rows, size] integers times per-row scale columns (two columns split by lane
 for 16-value sub-blocks), so the kernel needs no in-register reshapes or gathers, only loads,
 shifts, masks, selects, broadcasts and dots (>= 16 wide, as Triton requires); `x @ unit.T`
-accumulates in float32. Only `quant.qmatmul` imports this module, and only for a Pallas backend,
-so CPU/Metal runs never import Pallas.
+accumulates in float32. `grouped_fused_qmatmul` runs the same K loop for Mixture-of-Experts
+layers: token tiles of rows sorted by expert, each tile reading only its own expert's weights.
+Only `quant.qmatmul` imports this module, and only for a Pallas backend, so CPU/Metal runs never
+import Pallas.
 """
 from __future__ import annotations
 
@@ -132,9 +134,26 @@ def _triton_params():
     return pltriton.CompilerParams()
 
 
+def _accumulate(x_ref, f, qtype, cols, bm, bn, precision):
+    """sum over K of x_ref [bm, cols] @ dequantized units of f's [bn, ...] refs -> [bm, bn] f32."""
+    step, units = _UNITS[qtype]
+
+    def body(b, acc):
+        for offset, w in units(f, b):
+            xs = x_ref[:, pl.ds(b * step + offset, w.shape[1])]  # [bm, size]
+            acc += jax.lax.dot_general(xs, w.astype(xs.dtype), (((1,), (1,)), ((), ())),
+                                       precision=precision, preferred_element_type=_F32)
+        return acc
+
+    return jax.lax.fori_loop(0, cols // step, body, jnp.zeros((bm, bn), _F32))
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def fused_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, block_tokens=None):
     """x [tokens, cols] @ dequantize(fields).T -> [tokens, rows] in x.dtype."""
-    step, units = _UNITS[qtype]
     names = sorted(fields)
     arrays = [jnp.asarray(fields[k]) for k in names]
     rows, tokens = arrays[0].shape[0], x.shape[0]
@@ -144,21 +163,12 @@ def fused_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, b
     if rows_p != rows:  # zero scales: padded rows come out 0 and are sliced away
         arrays = [jnp.pad(a, ((0, rows_p - rows), (0, 0))) for a in arrays]
     x = jnp.pad(x, ((0, tokens_p - tokens), (0, 0)))
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    precision = _precision(x.dtype)
 
     def kernel(x_ref, *refs):
         *field_refs, o_ref = refs
         f = dict(zip(names, field_refs))
-
-        def body(b, acc):
-            for offset, w in units(f, b):
-                xs = x_ref[:, pl.ds(b * step + offset, w.shape[1])]  # [bm, size]
-                acc += jax.lax.dot_general(xs, w.astype(xs.dtype), (((1,), (1,)), ((), ())),
-                                           precision=precision, preferred_element_type=_F32)
-            return acc
-
-        acc = jax.lax.fori_loop(0, cols // step, body, jnp.zeros((bm, bn), _F32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+        o_ref[...] = _accumulate(x_ref, f, qtype, cols, bm, bn, precision).astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel,
@@ -171,3 +181,107 @@ def fused_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, b
         compiler_params=None if interpret else _triton_params(),
     )(x, *arrays)
     return out[:tokens, :rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped (Mixture of Experts) variant
+
+_GROUP_TILE = 16  # token rows per tile: the smallest Triton dot, so decode pads least
+
+
+class _ExpertRef:
+    """One expert's [rows, ...] view of an [E, rows, ...] ref for the `_units_*` functions:
+    `view[:, i]` loads `ref[e, :, i]` through a single indexer (the Triton lowering takes one
+    indexer per load, so `ref.at[e][...]` would not lower)."""
+
+    def __init__(self, ref, e):
+        self.ref, self.e = ref, e
+
+    def __getitem__(self, idx):
+        return self.ref[(self.e, *idx)]
+
+
+def _group_layout(group_sizes, n_experts, tokens, bm):
+    """Tile-aligned layout of rows sorted by expert: each expert's rows start a new bm-row tile.
+
+    Returns (tiles: static tile count, tile_expert int32 [tiles] (-1: empty tile),
+    src int32 [tiles * bm]: x row of each padded row (tokens: none), dest int32 [tokens]: padded
+    row of each x row (tiles * bm: a padding row past sum(group_sizes)))."""
+    # sum_e cdiv(g_e, bm) <= (tokens + k * (bm - 1)) / bm for k <= min(E, tokens) nonempty
+    # experts, and <= tokens since every used tile holds a row.
+    tiles = max(1, min(tokens, (tokens + min(n_experts, tokens) * (bm - 1)) // bm))
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    ntiles = (sizes + bm - 1) // bm
+    tile_ends = jnp.cumsum(ntiles)
+    first_row = (tile_ends - ntiles) * bm  # padded row where each expert starts
+
+    tile_expert = jnp.searchsorted(tile_ends, jnp.arange(tiles, dtype=jnp.int32), side="right")
+    tile_expert = jnp.where(tile_expert < n_experts, tile_expert, -1).astype(jnp.int32)
+
+    p = jnp.arange(tiles * bm, dtype=jnp.int32)
+    e_p = tile_expert[p // bm]
+    e_c = jnp.maximum(e_p, 0)
+    local = p - first_row[e_c]
+    src = jnp.where((e_p >= 0) & (local < sizes[e_c]), starts[e_c] + local, tokens)
+
+    i = jnp.arange(tokens, dtype=jnp.int32)
+    e_i = jnp.searchsorted(ends, i, side="right")
+    e_c = jnp.minimum(e_i, n_experts - 1)
+    dest = jnp.where(e_i < n_experts, first_row[e_c] + i - starts[e_c], tiles * bm)
+    return tiles, tile_expert, src.astype(jnp.int32), dest.astype(jnp.int32)
+
+
+def grouped_fused_qmatmul(x2, fields: dict, group_sizes, qtype: str, cols: int, *,
+                          interpret: bool = False):
+    """x2 [N, cols] rows sorted by expert; group_sizes int32 [E] (sum <= N; rows past the sum are
+    padding, output 0 there); fields: quant.repack fields of E experts stacked on a leading axis,
+    each [E, rows, ...]. -> float32 [N, rows]; row i of group e = x2[i] @ dequantize(expert e).T
+
+    In XLA the rows are gathered into 16-row tiles, each expert's rows starting a new tile (at
+    most cdiv(N, 16) + E tiles, fewer when E > N), with a tile -> expert array (-1 for the
+    unused tail). Grid = (row tiles, token tiles): a program reads its tile's expert id, skips
+    (writes zeros) for -1, else runs `fused_qmatmul`'s K loop on that expert's [block_rows, ...]
+    weight slice, indexed dynamically in the [E, block_rows, ...] blocks, so only the experts that
+    own rows are read. The output rows are gathered back to x2's order.
+    """
+    names = sorted(fields)
+    arrays = [jnp.asarray(fields[k]) for k in names]
+    n_experts, rows = arrays[0].shape[:2]
+    tokens = x2.shape[0]
+    bm = _GROUP_TILE
+    bn = _pick_block_rows(rows)
+    rows_p = pl.cdiv(rows, bn) * bn
+    if rows_p != rows:  # zero scales: padded rows come out 0 and are sliced away
+        arrays = [jnp.pad(a, ((0, 0), (0, rows_p - rows), (0, 0))) for a in arrays]
+    tiles, tile_expert, src, dest = _group_layout(jnp.asarray(group_sizes), n_experts, tokens, bm)
+    xp = jnp.take(x2, src, axis=0, mode="fill", fill_value=0)  # [tiles * bm, cols]
+    precision = _precision(x2.dtype)
+
+    def kernel(te_ref, x_ref, *refs):
+        *field_refs, o_ref = refs
+        e = te_ref[pl.program_id(1)]
+
+        @pl.when(e < 0)
+        def _():
+            o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+
+        @pl.when(e >= 0)
+        def _():
+            f = {k: _ExpertRef(r, e) for k, r in zip(names, field_refs)}
+            o_ref[...] = _accumulate(x_ref, f, qtype, cols, bm, bn, precision)
+
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((tiles * bm, rows_p), _F32),
+        grid=(rows_p // bn, tiles),
+        in_specs=[pl.BlockSpec((tiles,), lambda i, j: (0,)),
+                  pl.BlockSpec((bm, cols), lambda i, j: (j, 0))]
+        + [pl.BlockSpec((n_experts, bn, a.shape[2]), lambda i, j: (0, i, 0)) for a in arrays],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="grouped_fused_qmatmul",
+    )(tile_expert, xp, *arrays)
+    return jnp.take(out[:, :rows], dest, axis=0, mode="fill", fill_value=0)

@@ -1,4 +1,8 @@
-"""Model files -> (config, NNX model with its weights on the device, tokenizer)."""
+"""Model files -> (config, NNX model with its weights on the device, tokenizer).
+
+The model class (models/ registry) declares its weights; the readers here fill them in from a
+safetensors folder (optionally quantized in situ, loader/quantize.py) or a GGUF file.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,11 +14,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
-from vllm_jax.config import ConfigError, ModelConfig
-from vllm_jax.loader import safetensors as st
-from vllm_jax.models.llama import LlamaForCausalLM
+from vllm_jax import models
+from vllm_jax.models.base import ConfigError, ModelConfig, Weight
 
 log = logging.getLogger("vllm_jax")
 
@@ -26,7 +30,7 @@ DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f16": jnp.float16,
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    model: LlamaForCausalLM
+    model: nnx.Module
     tokenizer: object
     path: str
     weight_bytes: int
@@ -39,6 +43,11 @@ def to_dtype(name: str):
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {name!r}; choose from bf16, f16, f32")
     return DTYPES[name]
+
+
+def host_dtype(spec: Weight, dtype) -> np.dtype:
+    """The dtype a dense weight is held in: the model's, or the one the weight asks for."""
+    return np.dtype(np.float32) if spec.dtype == "f32" else np.dtype(dtype)
 
 
 def progress(total: int, desc: str):
@@ -54,73 +63,72 @@ def _keep_on_host(name: str, arr):
     return arr
 
 
-def load_safetensors(path: str, dtype, place: Callable = _place_default):
-    from vllm_jax.tokenizer import Tokenizer
-
-    cfg = ModelConfig.from_dir(path)
-    files = st.checkpoint_files(path)
-    names = st.tensor_names(files)
-    np_dtype = np.dtype(dtype)
-    weights = {}
-    with progress(len(names), f"loading {Path(path).name}") as bar:
-        for name, arr in st.iter_tensors(files):
-            weights[name] = place(name, np.asarray(arr).astype(np_dtype))
-            bar.update()
-    tokenizer = Tokenizer.from_dir(path)
-    return cfg, weights, tokenizer
-
-
 def load(path: str, dtype: str = "auto", place: Callable = _place_default,
-         mesh=None, quant: str | None = None, attention_backend: str = "auto",
-         keep_quantized: bool | None = None) -> LoadedModel:
+         mesh=None, quant: str | None = None, backend: str = "auto",
+         keep_quantized: bool | None = None, max_model_len: int | None = None) -> LoadedModel:
     """With a mesh, weights stay on the host until the config is known, then each device
-    receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig."""
+    receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig.
+    max_model_len: the longest sequence the model will run (LongRoPE picks its factors by it)."""
+    from vllm_jax.loader.quantize import parse_quant
+
     jdtype = to_dtype(dtype)
     if mesh is not None:
         place = _keep_on_host
     p = Path(path)
-    # GGUF issue: quant= quantizes a safetensors folder in situ (loader/quantize.py)
-    from vllm_jax.loader.quantize import load_quantized, parse_quant
     qtype = parse_quant(quant)
-    if p.is_dir() and qtype is not None:
-        cfg, weights, tokenizer = load_quantized(path, jdtype, place, qtype)
-    elif p.is_dir():
-        cfg, weights, tokenizer = load_safetensors(path, jdtype, place)
+    if p.is_dir():
+        cls, cfg, weights, tokenizer = _load_folder(path, jdtype, place, qtype)
     elif p.suffix == ".gguf" and p.is_file():
         if qtype is not None:
             raise ConfigError(f"{path}: --quant quantizes safetensors folders; a GGUF file "
                               f"is already quantized")
-        from vllm_jax.loader.gguf import load_gguf
-        if keep_quantized is None:  # only XLA's path (Metal, or no C++ compiler) unpacks
-            from vllm_jax.kernels.quant import default_backend
-            keep_quantized = default_backend() != "xla"
-        cfg, weights, tokenizer = load_gguf(path, jdtype, place, keep_quantized)
+        cls, cfg, weights, tokenizer = _load_gguf(path, jdtype, place, backend, keep_quantized)
     elif not p.exists():
         raise ConfigError(f"{path}: no such model file or folder")
     else:
         raise ConfigError(f"{path}: expected a Hugging Face model folder or a .gguf file")
-    missing = _missing(cfg, weights)
+    specs = cls.weights(cfg)
+    missing = [s.name for s in specs if s.name not in weights and not s.optional]
     if missing:
         raise ConfigError(f"{path}: missing weights: {', '.join(missing[:4])}"
                           + (" ..." if len(missing) > 4 else ""))
     if mesh is not None:
         from vllm_jax import parallel
-        cfg, weights = parallel.shard_model(weights, cfg, mesh)
+        cfg, weights = parallel.shard_model(weights, cfg, specs, mesh)
         parallel.log_device_bytes("weights", weights, mesh)
-    model = LlamaForCausalLM(cfg, weights, jdtype, attention_backend)
-    # GGUF issue: skip a PackedWeight's qtype/cols leaves
+    model = cls(cfg, weights, jdtype, backend, max_model_len)
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights) if hasattr(x, "nbytes"))
     log.info("weights: %.1f MiB on the device", nbytes / 2**20)
     return LoadedModel(cfg, model, tokenizer, str(path), nbytes)
 
 
-def _missing(cfg: ModelConfig, weights) -> list[str]:
-    need = ["embed_tokens.weight", "norm.weight"]
-    if not cfg.tie_word_embeddings:
-        need.append("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        need += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        need += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        need += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    return [n for n in need if n not in weights]
+def _load_folder(path, dtype, place, qtype):
+    from vllm_jax.loader import safetensors as st
+    from vllm_jax.loader.quantize import load_quantized
+    from vllm_jax.tokenizer import Tokenizer
+
+    cls, cfg = models.from_dir(path)
+    specs = cls.weights(cfg)
+    if qtype is not None:
+        weights = load_quantized(path, specs, dtype, place, qtype)
+    else:
+        weights = {}
+        with progress(len(specs), f"loading {Path(path).name}") as bar:
+            for spec, arr in st.read_weights(st.checkpoint_files(path), specs):
+                weights[spec.name] = place(spec.name, np.asarray(arr).astype(host_dtype(spec, dtype)))
+                bar.update()
+    return cls, cfg, weights, Tokenizer.from_dir(path)
+
+
+def _load_gguf(path, dtype, place, backend, keep_quantized):
+    from vllm_jax.kernels.backend import resolve
+    from vllm_jax.loader import gguf
+    from vllm_jax.tokenizer import Tokenizer
+
+    meta = gguf.GGUFMeta(gguf.open_gguf(path), path)
+    cls = models.for_gguf(meta)
+    cfg = cls.config_from_gguf(meta)
+    if keep_quantized is None:  # only XLA's path (Metal, or no C++ compiler) unpacks
+        keep_quantized = resolve(backend) != "xla"
+    weights = gguf.read_weights(meta, cls.weights(cfg), dtype, place, keep_quantized)
+    return cls, cfg, weights, Tokenizer.from_gguf(meta.reader, path)

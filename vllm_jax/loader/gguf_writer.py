@@ -8,9 +8,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from vllm_jax.config import ConfigError, ModelConfig
 from vllm_jax.kernels import quant
-from vllm_jax.loader.gguf import ROPE_FREQS, gguf_name, llama3_factors, permute_rows, qk_heads
+from vllm_jax.loader.gguf import permute_rows
+from vllm_jax.models.base import ConfigError, ModelConfig, Weight
 
 log = logging.getLogger("vllm_jax")
 
@@ -22,34 +22,28 @@ _FILE_TYPES = {
 _T = gguf.TokenType
 
 
-def save_gguf(path_out, cfg: ModelConfig, weights_host: dict, tokenizer_dir) -> None:
-    """weights_host: {HF name: quant.QuantTensor or numpy array}, tokenizer_dir: an HF folder."""
-    arch = "llama" if cfg.arch in ("llama", "mistral") else cfg.arch
+def save_gguf(path_out, cls, cfg: ModelConfig, weights_host: dict, tokenizer_dir) -> None:
+    """weights_host: {weight name: quant.QuantTensor or numpy array} of the model class `cls`
+    (its declarations name the GGUF tensors), tokenizer_dir: an HF folder."""
+    arch, keys, extra = cls.gguf_metadata(cfg)
     w = gguf.GGUFWriter(str(path_out), arch)
     w.add_name(Path(tokenizer_dir).name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for key, value in keys.items():
+        _add_value(w, f"{arch}.{key}", value)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.sliding_window:
-        w.add_sliding_window(cfg.sliding_window)
     qtypes = [x.qtype for x in weights_host.values() if isinstance(x, quant.QuantTensor)]
     main = max(set(qtypes), key=qtypes.count) if qtypes else None
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[main]])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(w, Path(tokenizer_dir), cfg.vocab_size)
-    if cfg.rope_scaling:  # llama3 scaling, stored the way llama.cpp's converter does
-        w.add_tensor(ROPE_FREQS, llama3_factors(cfg))
-    for name in sorted(weights_host, key=_order):
-        _add_tensor(w, cfg, name, weights_host[name])
+    for name, x in extra.items():
+        w.add_tensor(name, x)
+    tensors: dict[str, list[Weight]] = {}
+    for spec in cls.weights(cfg):
+        if spec.name in weights_host:
+            tensors.setdefault(spec.gguf, []).append(spec)
+    for name, specs in tensors.items():
+        _add_tensor(w, name, specs, weights_host)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -57,29 +51,43 @@ def save_gguf(path_out, cfg: ModelConfig, weights_host: dict, tokenizer_dir) -> 
     log.info("wrote %s (%.1f MiB)", path_out, Path(path_out).stat().st_size / 2**20)
 
 
-def _order(name: str):
-    parts = name.split(".")
-    if parts[0] == "layers":
-        return (1, int(parts[1]), name)
-    return (0 if parts[0] == "embed_tokens" else 2, 0, name)
-
-
-def _add_tensor(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, x) -> None:
-    heads = qk_heads(cfg, name)
-    if isinstance(x, quant.QuantTensor):
-        raw = permute_rows(x.raw, heads) if heads else x.raw
-        w.add_tensor(gguf_name(name), np.ascontiguousarray(raw), raw_dtype=quant.QTYPES[x.qtype][2])
-        return
-    x = np.asarray(x)
-    if heads:
-        x = permute_rows(x, heads)
-    if x.ndim == 1 or "norm" in name or x.dtype not in (np.float16, np.dtype("bfloat16")):
-        w.add_tensor(gguf_name(name), np.ascontiguousarray(x, dtype=np.float32))
-    elif x.dtype == np.float16:
-        w.add_tensor(gguf_name(name), np.ascontiguousarray(x))
+def _add_value(w: gguf.GGUFWriter, key: str, value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
     else:
-        raw = np.ascontiguousarray(x).view(np.uint8)
-        w.add_tensor(gguf_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        w.add_array(key, list(value))
+
+
+def _add_tensor(w: gguf.GGUFWriter, name: str, specs: list[Weight], weights_host: dict) -> None:
+    """One GGUF tensor from the weights that declare it (several: a fused layout, by rows)."""
+    parts = []
+    for spec in sorted(specs, key=lambda s: s.rows or (0, 0)):
+        x = weights_host[spec.name]
+        raw = x.raw if isinstance(x, quant.QuantTensor) else np.asarray(x)
+        if spec.gguf_permute:
+            raw = permute_rows(raw, spec.gguf_permute)
+        parts.append(raw)
+    x0 = weights_host[specs[0].name]
+    data = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2
+                                                                               if parts[0].ndim > 1 else 0))
+    if isinstance(x0, quant.QuantTensor):
+        if any(not isinstance(weights_host[s.name], quant.QuantTensor)
+               or weights_host[s.name].qtype != x0.qtype for s in specs):
+            raise ConfigError(f"{name}: the weights fused into it were quantized differently")
+        w.add_tensor(name, data, raw_dtype=quant.QTYPES[x0.qtype][2])
+    elif data.ndim == 1 or specs[0].dtype == "f32" or data.dtype not in (np.float16,
+                                                                         np.dtype("bfloat16")):
+        w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    elif data.dtype == np.float16:
+        w.add_tensor(name, data)
+    else:
+        w.add_tensor(name, data.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:

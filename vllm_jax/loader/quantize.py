@@ -1,9 +1,8 @@
 """In-situ quantization of safetensors checkpoints to GGUF block formats, cached on disk.
 
-The linear weights (q/k/v/o, gate/up/down, lm_head) are quantized; `embed_tokens` only when it
-is tied to the lm_head (an untied embedding is only gathered, so quantizing it would cost
-accuracy without speeding up any matmul). A weight whose in_features is not a multiple of the
-type's block falls back to Q8_0 (32-element blocks), then to staying dense.
+The weights the model declares as matmul weights (Weight.quantize: q/k/v/o, gate/up/down,
+experts, lm_head, a tied embedding) are quantized. A weight whose in_features is not a multiple
+of the type's block falls back to Q8_0 (32-element blocks), then to staying dense.
 
 The result is cached with orbax under <cache_dir>/quant/<key>, the key hashing the source files
 (paths, sizes, mtimes) and the type, so the next start skips the quantization.
@@ -16,21 +15,21 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
-from vllm_jax.config import ConfigError, ModelConfig
+from vllm_jax import models
 from vllm_jax.kernels import quant
-from vllm_jax.loader import progress
+from vllm_jax.kernels.quant import PackedWeight
+from vllm_jax.loader import host_dtype, progress
 from vllm_jax.loader import safetensors as st
 from vllm_jax.loader.default_model import cache_dir
-from vllm_jax.models.llama import PackedWeight
+from vllm_jax.models.base import ConfigError, ModelConfig, Weight
 
 log = logging.getLogger("vllm_jax")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: weights named by the model's declarations
 FALLBACK = "q8_0"
 ALIASES = {
     "q4_0": "q4_0", "q40": "q4_0",
@@ -60,15 +59,9 @@ def parse_quant(name: str | None) -> str | None:
     return qtype
 
 
-def is_target(cfg: ModelConfig, name: str) -> bool:
-    if name.endswith("_proj.weight") or name == "lm_head.weight":
-        return True
-    return name == "embed_tokens.weight" and cfg.tie_word_embeddings
-
-
 def pick_qtype(shape: tuple, qtype: str) -> str | None:
     """qtype if its blocks tile the rows, else the Q8_0 fallback, else None (stay dense)."""
-    if len(shape) != 2:
+    if len(shape) < 2:
         return None
     for q in (qtype, FALLBACK):
         if quant.can_quantize(shape, q):
@@ -80,26 +73,28 @@ def pick_qtype(shape: tuple, qtype: str) -> str | None:
 # host weights: {name: QuantTensor | numpy array}
 
 
-def host_weights(path, qtype: str | None) -> tuple[ModelConfig, dict]:
-    """A safetensors folder -> (config, {name: quant.QuantTensor or numpy array}), quantizing the
-    target weights to `qtype` (None: everything dense) or restoring them from the cache."""
-    cfg = ModelConfig.from_dir(path)
+def host_weights(path, qtype: str | None) -> tuple[type, ModelConfig, dict]:
+    """A safetensors folder -> (model class, config, {weight name: quant.QuantTensor or numpy
+    array}), quantizing the declared matmul weights to `qtype` (None: everything dense) or
+    restoring them from the cache."""
+    cls, cfg = models.from_dir(path)
+    specs = cls.weights(cfg)
     files = st.checkpoint_files(path)
     if qtype is None:
-        return cfg, dict(_read(files, skip=set()))
+        return cls, cfg, {s.name: x for s, x in st.read_weights(files, specs)}
     folder = cache_dir() / "quant" / cache_key(path, files, qtype)
     cached = restore(folder)
     if cached is not None:
         log.info("loaded quantized weights from cache %s", folder)
-        return cfg, {**cached, **dict(_read(files, skip=set(cached)))}
+        rest = st.read_weights(files, specs, skip=set(cached))
+        return cls, cfg, {**cached, **{s.name: x for s, x in rest}}
     out, fallbacks = {}, {}
-    names = [n for _, n in st.tensor_names(files) if st.canonical_name(n) is not None]
-    with progress(len(names), f"quantizing to {qtype}") as bar:
-        for name, arr in _read(files, skip=set()):
-            q = pick_qtype(arr.shape, qtype) if is_target(cfg, name) else None
-            if is_target(cfg, name) and q != qtype:
-                fallbacks[name] = q
-            out[name] = arr if q is None else quant.quantize(np.asarray(arr, np.float32), q)
+    with progress(len(specs), f"quantizing to {qtype}") as bar:
+        for spec, arr in st.read_weights(files, specs):
+            q = pick_qtype(arr.shape, qtype) if spec.quantize else None
+            if spec.quantize and q != qtype:
+                fallbacks[spec.name] = q
+            out[spec.name] = arr if q is None else quant.quantize(np.asarray(arr, np.float32), q)
             bar.update()
     if fallbacks:
         n8 = sum(q is not None for q in fallbacks.values())
@@ -107,46 +102,31 @@ def host_weights(path, qtype: str | None) -> tuple[ModelConfig, dict]:
                     "(e.g. %s)", qtype, quant.QTYPES[qtype][0], n8, FALLBACK,
                     len(fallbacks) - n8, next(iter(fallbacks)))
     save(folder, {n: x for n, x in out.items() if isinstance(x, quant.QuantTensor)})
-    return cfg, out
+    return cls, cfg, out
 
 
-def _read(files: list[Path], skip: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(canonical name, array) of every tensor not in `skip`, one at a time."""
-    for f in files:
-        try:
-            with safe_open(f, framework="np") as sf:
-                for name in sf.keys():
-                    canon = st.canonical_name(name)
-                    if canon is not None and canon not in skip:
-                        yield canon, sf.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{f}: cannot read safetensors file ({e})") from None
-
-
-def to_device(weights_host: dict, dtype, place: Callable) -> dict:
-    np_dtype = np.dtype(dtype)
+def to_device(weights_host: dict, specs: list[Weight], dtype, place: Callable) -> dict:
+    by_name = {s.name: s for s in specs}
     out = {}
     for name, x in weights_host.items():
         if isinstance(x, quant.QuantTensor):
             fields = quant.repack(x)
-            out[name] = PackedWeight(x.qtype, x.shape[1],
+            out[name] = PackedWeight(x.qtype, x.shape[-1],
                                      {k: place(f"{name}.{k}", v) for k, v in fields.items()})
         else:
-            out[name] = place(name, np.asarray(x).astype(np_dtype))
+            out[name] = place(name, np.asarray(x).astype(host_dtype(by_name[name], dtype)))
     return out
 
 
-def load_quantized(path: str, dtype, place: Callable, qtype: str):
-    """load()'s path for `quant=`: (config, device weights, tokenizer)."""
-    from vllm_jax.tokenizer import Tokenizer
-
-    cfg, host = host_weights(path, qtype)
+def load_quantized(path: str, specs: list[Weight], dtype, place: Callable, qtype: str) -> dict:
+    """load()'s path for `quant=`: the device weights."""
+    _, _, host = host_weights(path, qtype)
     counts = {}
     for x in host.values():
         if isinstance(x, quant.QuantTensor):
             counts[x.qtype] = counts.get(x.qtype, 0) + 1
     log.info("quantized weights: %s", ", ".join(f"{n} {q}" for q, n in counts.items()))
-    return cfg, to_device(host, dtype, place), Tokenizer.from_dir(path)
+    return to_device(host, specs, dtype, place)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,5 +202,5 @@ def save_engine_gguf(engine, path_out) -> None:
     src = Path(engine.loaded.path)
     if not src.is_dir():
         raise ConfigError(f"--save-gguf converts a Hugging Face model folder; {src} is not one")
-    cfg, host = host_weights(src, parse_quant(engine.config.quant))
-    save_gguf(path_out, cfg, host, src)
+    cls, cfg, host = host_weights(src, parse_quant(engine.config.quant))
+    save_gguf(path_out, cls, cfg, host, src)

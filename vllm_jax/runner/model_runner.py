@@ -17,7 +17,7 @@ from flax import nnx
 
 from vllm_jax import parallel
 from vllm_jax.engine.scheduler import ScheduledBatch
-from vllm_jax.models.llama import AttnMetadata, kv_cache_shape
+from vllm_jax.models.layers import AttnMetadata
 from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
 
 log = logging.getLogger("vllm_jax")
@@ -27,6 +27,15 @@ INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_t
               "min_tokens:S", "banned:SX")
 MAX_BANNED = 8  # eos and stop_token_ids masked while a sequence is below min_tokens
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+
+
+def kv_cache_shape(cfg, num_pages: int, page_size: int) -> tuple:
+    """One layer's K (or V): [num_kv_heads, num_pages, page_size, head_dim]."""
+    return (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+
+
+def kv_cache_bytes_per_page(cfg, page_size: int, itemsize: int) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * itemsize
 
 
 def enable_compilation_cache(root):

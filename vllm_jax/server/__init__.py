@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server: `python -m vllm_jax.server --w PATH [--host H] [--port P]`.
 
 `serve(engine_config, host, port)` runs it (the CLI's --server calls it); `main(argv)` parses the
-engine flags of vllm_jax.cli plus the server's own.
+engine flags (vllm_jax.args) plus the server's own.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def add_server_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm_jax.cli import add_engine_args
+    from vllm_jax.args import add_engine_args
 
     p = argparse.ArgumentParser(prog="python -m vllm_jax.server",
                                 description="Serve a model over the OpenAI API.")
@@ -77,7 +77,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
 
 
 def main(argv=None) -> int:
-    from vllm_jax.cli import engine_config
+    from vllm_jax.args import engine_config
 
     parser = build_parser()
     args = parser.parse_args(argv)
