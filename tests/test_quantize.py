@@ -26,9 +26,9 @@ def cache_root(tmp_path_factory):
         yield root
 
 
-def engine_for(path, quant=None):
+def engine_for(path, quant=None, **kw):
     return LLMEngine(EngineConfig(model_path=str(path), dtype="f32", quant=quant,
-                                  max_model_len=128, kvcache_mem_mb=2, max_num_seqs=4))
+                                  max_model_len=128, kvcache_mem_mb=2, max_num_seqs=4, **kw))
 
 
 def run(engine):
@@ -90,7 +90,7 @@ def test_q8_0_stays_close_to_f32(llama):
     assert sum(a == b for a, b in zip(tokens, ref_tokens)) >= 14
 
 
-def dequantized_engine(path, qtype):
+def dequantized_engine(path, qtype, **kw):
     """The engine over a dense model holding gguf-py's dequantization of the cached blocks."""
     import jax.numpy as jnp
 
@@ -109,7 +109,7 @@ def dequantized_engine(path, qtype):
                          str(path), 0)
     assert cfg == models.from_dir(path)[1]
     return LLMEngine(EngineConfig(model_path=str(path), dtype="f32", max_model_len=128,
-                                  kvcache_mem_mb=2, max_num_seqs=4), loaded=loaded)
+                                  kvcache_mem_mb=2, max_num_seqs=4, **kw), loaded=loaded)
 
 
 def test_q4_k_blocks_are_gguf_q4_k_and_run(model_dir):
@@ -185,22 +185,54 @@ def test_save_gguf_reloads_to_the_same_model(llama, tmp_path):
         save_engine_gguf(again, tmp_path / "again.gguf")
 
 
-def test_save_gguf_keeps_packed_bytes_for_every_arch(model_dir, tmp_path):
+GGUF_ROUND_TRIPS = [  # (family, config overrides, quantization)
+    ("qwen2", {}, "q8_0"), ("llama31", {}, "q5_1"), ("mistral", {}, "q4_1"),
+    ("gemma3", dict(num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=32,
+                    rope_parameters=None), "q8_0"),  # the layout llama.cpp's gemma3 assumes
+    ("qwen3_moe", {}, "q4_0"), ("mixtral", {}, "q8_0"), ("phi3", {}, "q5_0"),
+]
+
+
+@pytest.mark.parametrize("arch, overrides, qtype", GGUF_ROUND_TRIPS,
+                         ids=[a for a, _, _ in GGUF_ROUND_TRIPS])
+def test_save_gguf_reloads_every_weight_bit_for_bit(model_dir, tmp_path, arch, overrides, qtype):
+    """The writer reads the architecture's declarations: fused tensors (Phi-3's attn_qkv),
+    stacked experts, Gemma's 1 + w norms and rope factor tensors all come back as they went."""
+    from flax import nnx
+
     from vllm_jax.loader.gguf_writer import save_gguf
     from vllm_jax.loader.quantize import host_weights
 
-    for arch, qtype in [("qwen2", "q8_0"), ("llama31", "q5_1"), ("mistral", "q4_1")]:
-        path, _ = model_dir(arch)
-        cls, cfg, host = host_weights(path, qtype)
-        out = tmp_path / f"{arch}.gguf"
-        save_gguf(out, cls, cfg, host, path)
-        a, b = load(str(path), "f32", quant=qtype), load(str(out), "f32", keep_quantized=True)
-        assert b.config.sliding_window == a.config.sliding_window
-        np.testing.assert_allclose(b.config.rope.inv_freq(), a.config.rope.inv_freq(), rtol=1e-6)
-        for la, lb in zip(a.model.layers, b.model.layers):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                x, y = getattr(la.self_attn, name), getattr(lb.self_attn, name)
-                for k, v in x.fields().items():
-                    np.testing.assert_array_equal(np.asarray(y.fields()[k]), np.asarray(v))
-                if x.bias is not None:
-                    np.testing.assert_array_equal(np.asarray(y.bias[...]), np.asarray(x.bias[...]))
+    path, _ = model_dir(arch, **overrides)
+    cls, cfg, host = host_weights(path, qtype)
+    out = tmp_path / f"{arch}.gguf"
+    save_gguf(out, cls, cfg, host, path)
+    a, b = load(str(path), "f32", quant=qtype), load(str(out), "f32", keep_quantized=True)
+    assert type(b.model) is type(a.model)
+    fields = [f for f in a.config.__dataclass_fields__ if "rope" not in f]
+    assert {f: getattr(b.config, f) for f in fields} == {f: getattr(a.config, f) for f in fields}
+    for rope_a, rope_b in ((a.config.rope_for(i), b.config.rope_for(i))
+                           for i in range(cfg.num_layers)):
+        for max_len in (None, 10**6):  # LongRoPE: short and long factors
+            np.testing.assert_allclose(rope_b.inv_freq(max_len), rope_a.inv_freq(max_len),
+                                       rtol=1e-6)
+        assert rope_b.attention_factor() == pytest.approx(rope_a.attention_factor(), rel=1e-6)
+    ref, got = (nnx.to_flat_state(nnx.state(m.model)) for m in (a, b))
+    assert [k for k, _ in got] == [k for k, _ in ref]
+    for (k, x), (_, y) in zip(ref, got):
+        np.testing.assert_array_equal(np.asarray(y.get_value()), np.asarray(x.get_value()),
+                                      err_msg=str(k))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla", "pallas_interpret"])
+def test_quantized_experts_compute_their_dequantized_model(model_dir, backend):
+    """--quant packs every expert; each kernel backend's grouped matmul equals a dense model of
+    gguf-py's dequantization of the same blocks."""
+    path, _ = model_dir("qwen3_moe")
+    engine = engine_for(path, "q8_0", kernel_backend=backend)
+    experts = engine.loaded.model.layers[0].mlp.gate_proj
+    assert experts.qtype == "q8_0" and next(iter(experts.fields().values())).shape[0] == 8
+    tokens, lps = run(engine)
+    ref_tokens, ref_lps = run(dequantized_engine(path, "q8_0", kernel_backend=backend))
+    assert tokens == ref_tokens
+    np.testing.assert_allclose(lps, ref_lps, atol=1e-4)

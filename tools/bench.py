@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_jax import models  # noqa: E402
 from vllm_jax.args import add_engine_args, engine_config, positive  # noqa: E402
-from vllm_jax.config import EngineConfig, ModelConfig  # noqa: E402
+from vllm_jax.config import ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
 from vllm_jax.loader import LoadedModel, host_dtype, to_dtype  # noqa: E402
@@ -116,7 +116,7 @@ def build_engine(args) -> LLMEngine:
     dtype = to_dtype(args.dtype)
     t = time.perf_counter()
     weights = random_weights(cls, mcfg, dtype, args.quant)
-    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights) if hasattr(x, "nbytes"))
     jax.block_until_ready(weights)
     print(f"random weights: {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)

@@ -32,13 +32,6 @@ def as_dicts(messages: Iterable) -> list[dict]:
     return [dataclasses.asdict(m) if isinstance(m, Message) else dict(m) for m in messages]
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt; a prompt that already starts with the BOS text (a rendered chat
-    template) is encoded without adding special tokens, so it does not get a second BOS."""
-    bos = tokenizer.bos_token
-    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-
-
 class Engine:
     """Synchronous front end of an LLMEngine: run prompts to completion, or stream one.
 
@@ -79,7 +72,7 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def add(self, prompt: str | list[int], params: SamplingParams | None = None) -> str:
-        ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         request_id = f"api-{next(self._ids)}"
         self.llm_engine.add_request(ids, params or SamplingParams(), request_id)
         self._latest[request_id] = None

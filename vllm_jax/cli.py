@@ -40,8 +40,7 @@ def render(engine, prompt: str, raw: bool) -> str:
 
 
 def run_prompts(engine, prompts: list[str], params, raw: bool):
-    ids = [engine.add_request(engine.tokenizer.encode(render(engine, p, raw),
-                                                      add_special_tokens=False), params)
+    ids = [engine.add_request(engine.tokenizer.encode_prompt(render(engine, p, raw)), params)
            for p in prompts]
     num_prompt = sum(len(engine.requests[i].prompt_token_ids) for i in ids)
     done, first_token_at, last_report = {}, {}, time.monotonic()

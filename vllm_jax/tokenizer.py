@@ -113,6 +113,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: with the BOS the model expects, but not a second one when the text
+        already starts with it (a rendered chat template)."""
+        bos = self.bos_token
+        return self.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self.clean_up_spaces else text

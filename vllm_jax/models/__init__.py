@@ -8,7 +8,7 @@ import importlib
 import json
 from pathlib import Path
 
-from vllm_jax.models.base import ConfigError, ModelConfig
+from vllm_jax.models.base import ConfigError
 
 # module: class, HF architectures, GGUF architectures ("<arch>+moe": that arch with experts)
 REGISTRY = {

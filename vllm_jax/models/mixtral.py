@@ -33,9 +33,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def gguf_metadata(cls, cfg: MoEConfig) -> tuple[str, dict, dict]:
-        arch, keys, tensors = super().gguf_metadata(cfg)
+        _, keys, tensors = super().gguf_metadata(cfg)
         keys |= {"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok}
-        return arch, keys, tensors
+        return "llama", keys, tensors
 
     @classmethod
     def weights(cls, cfg: MoEConfig) -> list[Weight]:

@@ -168,7 +168,7 @@ class ModelRunner:
                 for x, q in zip(p, seqs)))
 
     def prepare(self, batch: ScheduledBatch, layout: StepLayout):
-        t, s, b = layout.num_tokens, layout.num_seqs, layout.max_pages
+        s, b = layout.num_seqs, layout.max_pages
         oob = self.num_pages * self.page_size
         a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
         a["slot_mapping"][:] = oob
