@@ -25,7 +25,8 @@ from vllm_jax.args import add_engine_args, engine_config, positive  # noqa: E402
 from vllm_jax.config import ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
-from vllm_jax.loader import LoadedModel, host_dtype, to_dtype  # noqa: E402
+from vllm_jax.loader import LoadedModel, to_dtype  # noqa: E402
+from vllm_jax.loader.host import host_dtype  # noqa: E402
 from vllm_jax.sampling_params import SamplingParams  # noqa: E402
 
 SHAPES = {  # Hugging Face config.json fields of the named models
@@ -112,7 +113,10 @@ def build_engine(args) -> LLMEngine:
                         quant=None if args.model_shape else args.quant)
     if not args.model_shape:
         return LLMEngine(cfg)
-    cls, mcfg = models.from_hf(SHAPES[args.model_shape])
+    shape = dict(SHAPES[args.model_shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    cls, mcfg = models.from_hf(shape)
     dtype = to_dtype(args.dtype)
     t = time.perf_counter()
     weights = random_weights(cls, mcfg, dtype, args.quant)
@@ -130,6 +134,8 @@ def main(argv=None):
     add_engine_args(p)
     p.add_argument("--model-shape", choices=sorted(SHAPES),
                    help="a named architecture with random weights instead of --w")
+    p.add_argument("--layers", type=positive(), metavar="N",
+                   help="with --model-shape: only the first N layers (a big shape on a small host)")
     p.add_argument("--num-seqs", type=positive(), default=16)
     p.add_argument("--input-len", type=positive(), default=128)
     p.add_argument("--output-len", type=positive(), default=128)

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.engine.llm_engine import LLMEngine
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_jax.loader import load
+from vllm_jax.loader.default_model import resolve_model_path
 from vllm_jax.sampling_params import SamplingParams
 
 __all__ = ["CompletionOutput", "ConfigError", "Engine", "EngineConfig", "LLM", "Logprob",
@@ -40,8 +43,6 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig | None = None, **options):
-        from vllm_jax.engine.llm_engine import LLMEngine
-
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(options) - fields)
         if unknown:
@@ -214,9 +215,6 @@ def _prompt_input(p) -> str | list[int]:
 
 def load_model(path: str | None = None, dtype: str = "auto"):
     """(NNX model, ModelConfig, Tokenizer) for a model folder or .gguf file (None: the default)."""
-    from vllm_jax.loader import load
-    from vllm_jax.loader.default_model import resolve_model_path
-
     loaded = load(resolve_model_path(path), dtype)
     return loaded.model, loaded.config, loaded.tokenizer
 

@@ -14,6 +14,8 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.loader import load, to_dtype
+from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
 from vllm_jax.runner.model_runner import (ModelRunner, enable_compilation_cache,
                                           kv_cache_bytes_per_page)
@@ -43,9 +45,6 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded=None):
-        from vllm_jax.loader import load, to_dtype
-        from vllm_jax.loader.default_model import cache_dir, resolve_model_path
-
         enable_compilation_cache(cache_dir())
         self.config = config
         parallel.init_distributed(config.coordinator_address, config.num_processes,

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vllm_jax.kernels import backend as kernel_backend
+
 CHUNK_TOKENS = 512  # keys per loop step of prefill
 DECODE_CHUNK_TOKENS = 128  # of decode: one query per row, so a chunk is mostly gather cost
 
@@ -166,9 +168,7 @@ def cpu_unsupported(k_cache) -> str | None:
 
 
 def _resolve(backend: str, k_cache) -> str:
-    from vllm_jax.kernels.backend import resolve
-
-    name = resolve(backend)
+    name = kernel_backend.resolve(backend)
     check = {"xla": lambda _: None, "cpu": cpu_unsupported}.get(name, pallas_unsupported)
     problem = check(k_cache)
     if problem is None:

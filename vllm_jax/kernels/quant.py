@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllm_jax.kernels import backend as kernel_backend
+
 _T = gguf.GGMLQuantizationType
 QK_K = 256
 
@@ -232,9 +234,7 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
 
 def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto"):
     """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend."""
-    from vllm_jax.kernels.backend import resolve
-
-    backend = resolve(backend)
+    backend = kernel_backend.resolve(backend)
     rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
     dims = (((1,), (1,)), ((), ()))

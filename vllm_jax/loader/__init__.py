@@ -6,26 +6,26 @@ safetensors folder (optionally quantized in situ, loader/quantize.py) or a GGUF 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from vllm_jax import models
-from vllm_jax.models.base import ConfigError, ModelConfig, Weight
+from vllm_jax import models, parallel
+from vllm_jax.kernels.backend import resolve
+from vllm_jax.loader import gguf
+from vllm_jax.loader import safetensors as st
+from vllm_jax.loader.host import host_dtype, progress, to_dtype
+from vllm_jax.loader.quantize import load_quantized, parse_quant
+from vllm_jax.models.base import ConfigError, ModelConfig
+from vllm_jax.tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "load", "to_dtype"]
 
 log = logging.getLogger("vllm_jax")
-
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f16": jnp.float16,
-          "float16": jnp.float16, "fp16": jnp.float16, "f32": jnp.float32,
-          "float32": jnp.float32, "fp32": jnp.float32}
-
 
 @dataclass
 class LoadedModel:
@@ -34,25 +34,6 @@ class LoadedModel:
     tokenizer: object
     path: str
     weight_bytes: int
-
-
-def to_dtype(name: str):
-    """"auto": float32 on the CPU (bf16 there is slow and costs small models accuracy), else bf16."""
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    if name not in DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; choose from bf16, f16, f32")
-    return DTYPES[name]
-
-
-def host_dtype(spec: Weight, dtype) -> np.dtype:
-    """The dtype a dense weight is held in: the model's, or the one the weight asks for."""
-    return np.dtype(np.float32) if spec.dtype == "f32" else np.dtype(dtype)
-
-
-def progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty())
 
 
 def _place_default(name: str, arr):
@@ -69,8 +50,6 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
     """With a mesh, weights stay on the host until the config is known, then each device
     receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig.
     max_model_len: the longest sequence the model will run (LongRoPE picks its factors by it)."""
-    from vllm_jax.loader.quantize import parse_quant
-
     jdtype = to_dtype(dtype)
     if mesh is not None:
         place = _keep_on_host
@@ -93,7 +72,6 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
         raise ConfigError(f"{path}: missing weights: {', '.join(missing[:4])}"
                           + (" ..." if len(missing) > 4 else ""))
     if mesh is not None:
-        from vllm_jax import parallel
         cfg, weights = parallel.shard_model(weights, cfg, specs, mesh)
         parallel.log_device_bytes("weights", weights, mesh)
     model = cls(cfg, weights, jdtype, backend, max_model_len)
@@ -103,10 +81,6 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
 
 
 def _load_folder(path, dtype, place, qtype):
-    from vllm_jax.loader import safetensors as st
-    from vllm_jax.loader.quantize import load_quantized
-    from vllm_jax.tokenizer import Tokenizer
-
     cls, cfg = models.from_dir(path)
     specs = cls.weights(cfg)
     if qtype is not None:
@@ -121,10 +95,6 @@ def _load_folder(path, dtype, place, qtype):
 
 
 def _load_gguf(path, dtype, place, backend, keep_quantized):
-    from vllm_jax.kernels.backend import resolve
-    from vllm_jax.loader import gguf
-    from vllm_jax.tokenizer import Tokenizer
-
     meta = gguf.GGUFMeta(gguf.open_gguf(path), path)
     cls = models.for_gguf(meta)
     cfg = cls.config_from_gguf(meta)

@@ -17,6 +17,7 @@ import numpy as np
 
 from vllm_jax.kernels import quant
 from vllm_jax.kernels.quant import PackedWeight
+from vllm_jax.loader.host import host_dtype, progress
 from vllm_jax.models.base import ConfigError, Weight
 
 log = logging.getLogger("vllm_jax")
@@ -75,11 +76,11 @@ class GGUFMeta:
         """A float32 value as the short decimal it was written from (1e-05, not 9.99e-06)."""
         return float(str(np.float32(self.get(key, default))))
 
-    @property
-    def vocab_size(self) -> int:
-        if "token_embd.weight" not in self.tensors:
-            raise ConfigError(f"{self.path}: GGUF file has no token_embd.weight tensor")
-        rows = int(np.prod(self.tensors["token_embd.weight"].shape[1:]))
+    def vocab_size(self, embedding: str) -> int:
+        """The vocabulary's size, checked against the rows of the embedding tensor."""
+        if embedding not in self.tensors:
+            raise ConfigError(f"{self.path}: GGUF file has no {embedding} tensor")
+        rows = int(np.prod(self.tensors[embedding].shape[1:]))
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else rows
         if vocab != rows:
@@ -113,8 +114,6 @@ def _rows(x: np.ndarray, spec: Weight) -> np.ndarray:
 
 
 def _weight(t, spec: Weight, dtype, place: Callable, path, keep: bool):
-    from vllm_jax.loader import host_dtype
-
     if t.tensor_type in DENSE or len(t.shape) == 1 or not keep:
         return place(spec.name, _rows(dense(t), spec).astype(host_dtype(spec, dtype)))
     try:
@@ -133,8 +132,6 @@ def read_weights(meta: GGUFMeta, specs: list[Weight], dtype, place: Callable,
                  keep_quantized: bool = True) -> dict:
     """The declared weights from the file; keep_quantized=False unpacks quantized tensors to
     dtype (gguf-py's dequantization)."""
-    from vllm_jax.loader import progress
-
     np_dtype = np.dtype(dtype)
     weights = {}
     with progress(len(specs), f"loading {Path(meta.path).name}") as bar:

@@ -11,6 +11,7 @@ import numpy as np
 from vllm_jax.kernels import quant
 from vllm_jax.loader.gguf import permute_rows
 from vllm_jax.models.base import ConfigError, ModelConfig, Weight
+from vllm_jax.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
 
 log = logging.getLogger("vllm_jax")
 
@@ -92,8 +93,6 @@ def _add_tensor(w: gguf.GGUFWriter, name: str, specs: list[Weight], weights_host
 
 def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
     """GPT-2 style (byte-level BPE) tokenizer metadata from a Hugging Face tokenizer.json."""
-    from vllm_jax.tokenizer import Tokenizer
-
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise ConfigError(f"{folder}: no tokenizer.json to write into the GGUF file")
@@ -142,8 +141,6 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
 
 def _pre_tokenizer_name(pre: dict | None) -> str | None:
     """llama.cpp's name for a byte-level pre-tokenizer (the split regex), None if not byte-level."""
-    from vllm_jax.tokenizer import PRE_TOKENIZER_SPLITS
-
     if not pre:
         return None
     if pre.get("type") == "ByteLevel":

@@ -22,9 +22,10 @@ import numpy as np
 from vllm_jax import models
 from vllm_jax.kernels import quant
 from vllm_jax.kernels.quant import PackedWeight
-from vllm_jax.loader import host_dtype, progress
 from vllm_jax.loader import safetensors as st
 from vllm_jax.loader.default_model import cache_dir
+from vllm_jax.loader.gguf_writer import save_gguf
+from vllm_jax.loader.host import host_dtype, progress
 from vllm_jax.models.base import ConfigError, ModelConfig, Weight
 
 log = logging.getLogger("vllm_jax")
@@ -197,8 +198,6 @@ def restore(folder: Path) -> dict[str, quant.QuantTensor] | None:
 
 def save_engine_gguf(engine, path_out) -> None:
     """Writes the model an engine runs (its --w folder, quantized as --quant says) as GGUF."""
-    from vllm_jax.loader.gguf_writer import save_gguf
-
     src = Path(engine.loaded.path)
     if not src.is_dir():
         raise ConfigError(f"--save-gguf converts a Hugging Face model folder; {src} is not one")

@@ -24,7 +24,7 @@ from vllm_jax.kernels import moe
 from vllm_jax.kernels import paged_attention as pa
 from vllm_jax.kernels import quant
 from vllm_jax.kernels.quant import PackedWeight
-from vllm_jax.models.base import Rope
+from vllm_jax.models.base import ConfigError, Rope
 
 
 class AttnMetadata(NamedTuple):
@@ -215,8 +215,6 @@ ACTIVATIONS = {
 
 
 def activation(name: str):
-    from vllm_jax.models.base import ConfigError
-
     if name not in ACTIVATIONS:
         raise ConfigError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]

@@ -43,7 +43,7 @@ def gguf_fields(meta) -> dict:
     if not isinstance(kv_heads, int):
         raise ConfigError(f"{meta.path}: per-layer head counts are not supported")
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    return dict(vocab_size=meta.vocab_size, hidden_size=hidden,
+    return dict(vocab_size=meta.vocab_size("token_embd.weight"), hidden_size=hidden,
                 intermediate_size=int(meta.need("feed_forward_length")),
                 num_layers=int(meta.need("block_count")), num_heads=heads,
                 num_kv_heads=int(kv_heads), head_dim=head_dim,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from vllm_jax.models import base
 from vllm_jax.models.base import MoEConfig, Weight
-from vllm_jax.models.llama import (LlamaForCausalLM, embedding_weights, gguf_fields, layer_weights,
-                                   mlp_weights)
+from vllm_jax.models.llama import (LlamaForCausalLM, embedding_weights, gguf_fields, hf_fields,
+                                   layer_weights, mlp_weights)
 
 EXPERTS = {"router": "block_sparse_moe.gate", "gate": "block_sparse_moe.experts.{e}.w1",
            "up": "block_sparse_moe.experts.{e}.w3", "down": "block_sparse_moe.experts.{e}.w2"}
@@ -14,8 +14,6 @@ EXPERTS = {"router": "block_sparse_moe.gate", "gate": "block_sparse_moe.experts.
 class MixtralForCausalLM(LlamaForCausalLM):
     @classmethod
     def config_from_hf(cls, hf: dict) -> MoEConfig:
-        from vllm_jax.models.llama import hf_fields
-
         return MoEConfig(arch="mixtral", **hf_fields(hf), sliding_window=hf.get("sliding_window"),
                          num_experts=hf["num_local_experts"],
                          num_experts_per_tok=hf["num_experts_per_tok"],
