@@ -53,6 +53,32 @@ def test_qmatmul_matches_float64_reference(qtype, tokens):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("qtype", ALL)
+def test_qmatmul_odd_block_counts_and_several_panels(qtype):
+    # 70 rows: several row panels (16 / 12 / 6 rows) and a ragged last one; an odd number of
+    # blocks (7 of 32 weights, 3 of 256): the few-token path takes legacy blocks two at a time,
+    # the many-token tiles decode each next block while multiplying the last. Token counts:
+    # each few-token case, one vector of tokens, a padded one, pairs of vectors plus a rest.
+    elems = QTYPES[qtype][0]
+    rows, cols = 70, (3 if elems == 256 else 7) * elems
+    rng = np.random.default_rng(13)
+    qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    w = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
+    fields = {k: jnp.asarray(v) for k, v in repack(qt).items()}
+    fn = jax.jit(lambda x, f: cpu.qmatmul(x, f, qtype))
+    for tokens in (1, 2, 3, 4, 16, 17, 33, 48):
+        x = rng.standard_normal((tokens, cols)).astype(np.float32)
+        got = np.asarray(fn(jnp.asarray(x), fields))
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    eye = np.eye(cols, dtype=np.float32)  # weights bit for bit: tiles (48 tokens), fused (1)
+    k = cols // 2 - 24
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(eye[k:k + 48]), fields)).T,
+                                  w[:, k:k + 48])
+    np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(eye[k + 1:k + 2]), fields))[0],
+                                  w[:, k + 1])
+
+
 def test_qmatmul_backend_on_a_prefill_sized_batch():
     fields, w, cols = _case("q4_1", 24, 4)
     x = np.random.default_rng(5).standard_normal((2, 70, cols)).astype(np.float32)  # 3 slices
@@ -152,6 +178,27 @@ def test_decode_attention_matches_reference(kvh, g, hd, lens, window):
     live = context_lens > 0
     np.testing.assert_allclose(got[live], dense[live], rtol=1e-5, atol=1e-5)
     assert np.all(got[~live] == 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla", "pallas_interpret"])
+def test_decode_reads_nothing_before_the_window(backend):
+    """Block table entries before every row's window point far outside the cache and those
+    pages hold NaN: the C++ kernel, which follows the table with raw pointers, would fault if it
+    read them; XLA and Pallas clamp indices, so for them this pins the masking."""
+    q, k, v, tables, lens = decode_case(13, 1, 4, 64, 16, [90, 70])
+    window = 32
+    ref = pa.decode(*(jnp.asarray(a) for a in (q, k, v, tables, lens)), scale=SCALE,
+                    sliding_window=window, backend="xla")
+    k, v = (np.where(np.isfinite(a), a, 0) for a in (k, v))
+    poisoned = tables.copy()
+    for row, n in enumerate(lens):
+        first = (n - window) // 16  # the page holding the row's first key in the window
+        poisoned[row, :first] = 2**30
+        k[:, tables[row, :first]] = np.nan  # those pages' real contents: NaN
+        v[:, tables[row, :first]] = np.nan
+    args = [jnp.asarray(a) for a in (q, k, v, poisoned, lens)]
+    got = np.asarray(pa.decode(*args, scale=SCALE, sliding_window=window, backend=backend))
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -18,6 +18,8 @@ CASES = {
     "qwen3_qk_norm": ("qwen3", {}),
     "gemma3_sliding_and_global_layers": ("gemma3", {}),
     "qwen3_moe_with_a_dense_layer": ("qwen3_moe", {}),
+    "qwen3_moe_every_second_layer_sparse": ("qwen3_moe", {
+        "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": []}),
     "mixtral_moe_sliding_window": ("mixtral", {}),
     "phi3_fused_weights_longrope_short": ("phi3", {}),
 }
@@ -39,18 +41,28 @@ def hf_logits(model, ids) -> np.ndarray:
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_and_greedy_match_transformers(model_dir, case):
     arch, opts = CASES[case]
-    path, hf = model_dir(arch, **opts)
-    engine = engine_for(path)
+    check_against_transformers(*model_dir(arch, **opts))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_every_attention_backend_keeps_gemma3_per_layer_windows(model_dir, backend):
+    """Sliding and global layers through the XLA reference and the Pallas kernels (the tests
+    above run the C++ kernels), each layer with its own window."""
+    check_against_transformers(*model_dir("gemma3"), kernel_backend=backend, max_tokens=8)
+
+
+def check_against_transformers(path, hf, max_tokens=32, **engine_options):
+    engine = engine_for(path, **engine_options)
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, 300, PROMPT_LEN)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=20,
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=20,
                             prompt_logprobs=20)
     out = engine.generate([prompt], params)[0]
     tokens = out.outputs[0].token_ids
 
     with torch.no_grad():
-        ref_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
-                                 do_sample=False)[0, PROMPT_LEN:].tolist()
-    assert tokens == ref_tokens
+        ref_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False)[0, PROMPT_LEN:]
+    assert tokens == ref_tokens.tolist()
 
     ref = torch.log_softmax(torch.tensor(hf_logits(hf, prompt + tokens)), -1).numpy()
     scale = np.abs(hf_logits(hf, prompt)).max()
@@ -129,3 +141,29 @@ def test_router_logits_and_choices_match_transformers(model_dir, arch):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
         k = cfg.num_experts_per_tok
         assert (np.sort(np.argsort(-a, -1)[:, :k], -1) == np.sort(np.argsort(-b, -1)[:, :k], -1)).all()
+
+
+def test_gemma3_text_tower_of_a_conditional_generation_checkpoint(tmp_path):
+    """Gemma3ForConditionalGeneration files nest the text config and prefix the language
+    model's tensors (language_model.model.*); the vision tower is ignored."""
+    import transformers
+    from conftest import save_tokenizer
+
+    tok = save_tokenizer(tmp_path)
+    n = len(tok)
+    text = dict(vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=12,
+                initializer_range=0.02, rms_norm_eps=1e-5)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                       mm_tokens_per_image=4, image_token_index=n - 1,
+                                       boi_token_index=n - 2, eoi_token_index=n - 3)
+    torch.manual_seed(5)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    check_against_transformers(tmp_path, hf, max_tokens=8)

@@ -140,7 +140,8 @@ def main(argv=None):
     p.add_argument("--input-len", type=positive(), default=128)
     p.add_argument("--output-len", type=positive(), default=128)
     p.add_argument("--compare", action="store_true",
-                   help="also run transformers (and llama-cpp-python, if installed) on --w")
+                   help="also run transformers and llama.cpp (llama-batched-bench in "
+                        "$LLAMA_CPP_BIN or on PATH), where installed, on --w")
     p.add_argument("--json", default="bench.json")
     args = p.parse_args(argv)
     if args.model_shape and args.w:

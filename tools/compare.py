@@ -1,8 +1,13 @@
-"""The same workload (token-id prompts, fixed output length, greedy) through transformers and
-llama-cpp-python, for tools/bench.py --compare. Each is skipped when it is not installed."""
+"""The same workload (prompt length, output length, number of sequences) through transformers
+and llama.cpp, for tools/bench.py --compare. llama.cpp is its `llama-batched-bench` tool, found
+in $LLAMA_CPP_BIN or on PATH (llama.cpp's own random prompts of the same length); each is
+skipped when it is not installed."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,19 +46,19 @@ def run_transformers(path: str, prompts: list[list[int]], output_len: int) -> di
 
 
 def run_llama_cpp(path: str, prompts: list[list[int]], output_len: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompts[0]) + output_len + 8,
-                          n_batch=512, n_threads=os.cpu_count(), verbose=False)
-    t = time.perf_counter()
-    llm.eval(prompts[0])
-    prefill = len(prompts[0]) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(output_len):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    decode = output_len / (time.perf_counter() - t)
-    return _row(f"llama.cpp {llama_cpp.__version__}", prefill, decode, "1 sequence")
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    tool = shutil.which("llama-batched-bench", path=folder) if folder else None
+    tool = tool or shutil.which("llama-batched-bench")
+    if tool is None:
+        raise ImportError("llama.cpp", name="llama-batched-bench (set LLAMA_CPP_BIN)")
+    n, length, threads = len(prompts), len(prompts[0]), os.cpu_count()
+    cmd = [tool, "-m", path, "-npp", str(length), "-ntg", str(output_len), "-npl", str(n),
+           "-t", str(threads), "-c", str(n * (length + output_len) + 64),
+           "--output-format", "jsonl"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    row = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    return _row("llama.cpp (llama-batched-bench)", row["speed_pp"], row["speed_tg"],
+                f"{threads} threads, batch {n}, f16 KV cache")
 
 
 def compare(path: str, prompts: list[list[int]], output_len: int) -> dict:

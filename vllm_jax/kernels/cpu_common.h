@@ -107,6 +107,20 @@ inline float hsum(f8 v) {
   return a[0];
 }
 
+// 16-lane vectors where the build has AVX-512 (F, BW, VL; -march=native picks the path per
+// machine): one instruction each on cores with 512-bit units (2x the FMAs of 8 lanes on Zen 5).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VLLM_JAX_AVX512 1
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline float hsum(f32x16 v) {
+  return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#endif
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+
 // -- threads: the caller and a few helpers take chunks of rows off one counter ----------------
 //
 // One step makes ~200 of these calls, each only 20-200 us of work, so waking a sleeping thread
