@@ -58,6 +58,15 @@ def _filtered(logits, s: SamplingArrays):
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
+def argmax(x):
+    """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum),
+    as two vectorized reductions: XLA's CPU argmax is a scalar variadic reduce, 1.6 ms over
+    2 x 262,144 logits against 0.3 ms."""
+    top = x.max(axis=-1, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]).min(axis=-1)
+
+
 def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
            history=None, num_prompt=None):
     """logits [S, V] f32 -> (tokens [S], logprob [S], top ids [S, K], top logprobs [S, K])."""
@@ -67,12 +76,13 @@ def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
     logits = logits.at[rows, ban].set(-jnp.inf, mode="drop")
     if history is not None:
         logits = apply_penalties(logits, s, history, num_prompt)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = argmax(logits)
     if not greedy_only:
         filtered = _filtered(logits, s)
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
             s.seed.astype(jnp.uint32), s.step)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, filtered.shape[1:]))(keys)
+        drawn = argmax(filtered + gumbel)  # jax.random.categorical, with the fast argmax
         tokens = jnp.where(s.temperature > 0, drawn, tokens)
     if not want_logprobs:
         return tokens, None, None, None
