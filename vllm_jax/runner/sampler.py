@@ -58,13 +58,22 @@ def _filtered(logits, s: SamplingArrays):
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def argmax(x):
-    """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum),
-    as two vectorized reductions: XLA's CPU argmax is a scalar variadic reduce, 1.6 ms over
-    2 x 262,144 logits against 0.3 ms."""
-    top = x.max(axis=-1, keepdims=True)
-    hit = (x == top) | jnp.isnan(x)
-    return jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]).min(axis=-1)
+def argmax(x, chunk: int = 1024):
+    """jnp.argmax over the last axis of [S, V] (the first index of the maximum), in two
+    stages: each chunk's max in one vectorized pass, then argmax over the chunk maxima and
+    inside the winning chunk. XLA's CPU argmax is a scalar variadic reduce: 9.5 ms over
+    16 x 262,144 logits, against 0.4 ms. Under a mesh (logits split over the vocabulary) it is
+    jnp.argmax, whose partial results XLA gathers without gathering the logits."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    s, v = x.shape
+    if v % chunk:
+        x = jnp.pad(x, ((0, 0), (0, -v % chunk)), constant_values=-jnp.inf)
+    chunks = x.reshape(s, -1, chunk)
+    best = jnp.argmax(chunks.max(axis=-1), axis=-1)  # [S]: the first chunk holding the max
+    inside = jnp.take_along_axis(chunks, best[:, None, None], axis=1)[:, 0]  # [S, chunk]
+    return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
