@@ -89,6 +89,16 @@ def test_decode_step_has_two_all_reduces_per_layer(results):
         assert ops.get("all-gather", 0) <= 2, ops  # greedy argmax over the vocab shards only
 
 
+def test_kv_cache_holds_the_work_and_splits_per_device(results):
+    """max_num_seqs x max_model_len tokens and no more (the --kvmem default is a ceiling, per
+    device), split by KV head: the tiny llama's 2 KV heads of 16 dims are copied to one a
+    device, 2 layers x K and V x 16 dims x 4 bytes a token each."""
+    r = results["kv_sizing"]
+    pages = 3 * MAX_MODEL_LEN // 16
+    assert r["num_pages"] == pages
+    assert r["kv_bytes_per_device"] == [pages * 16 * 2 * 2 * 16 * 4] * NUM_DEVICES
+
+
 def test_no_compiles_after_warmup_on_the_mesh(results):
     assert results["compiles_after_warmup"] == 0
 
@@ -367,7 +377,20 @@ def _run_cases(jobs: dict) -> dict:
     out["shard_map"] = _shard_map_diffs()
     out["compiles_after_warmup"] = _compiles_after_warmup(
         jobs["llama_2kv_heads_copied"][0], prompt, greedy)
+    out["kv_sizing"] = _kv_sizing(jobs["llama_2kv_heads_copied"][0])
     return out
+
+
+def _kv_sizing(path: str) -> dict:
+    """KV bytes per device for 3 sequences of 64 tokens under the default --kvmem (4096 MB)."""
+    from vllm_jax.config import EngineConfig
+    from vllm_jax.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model_path=path, dtype="f32", max_model_len=MAX_MODEL_LEN,
+                                    max_num_seqs=3, device_ids=list(range(NUM_DEVICES))))
+    return {"kv_bytes_per_device": [parallel.device_bytes(engine.runner.kv, d)
+                                    for d in engine.mesh.devices.flat],
+            "num_pages": engine.block_manager.num_blocks}
 
 
 def _multihost(path: str) -> dict:

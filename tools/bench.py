@@ -8,7 +8,6 @@ download; --quant packs them in a GGUF block format). Prints a table and writes 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_jax import models  # noqa: E402
-from vllm_jax.args import add_engine_args, engine_config, positive  # noqa: E402
+from vllm_jax.args import Parser, add_engine_args, engine_config, positive  # noqa: E402
 from vllm_jax.config import ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
@@ -130,7 +129,7 @@ def build_engine(args) -> LLMEngine:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="tools/bench.py", description=__doc__.split("\n")[0])
     add_engine_args(p)
     p.add_argument("--model-shape", choices=sorted(SHAPES),
                    help="a named architecture with random weights instead of --w")

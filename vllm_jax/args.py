@@ -8,6 +8,14 @@ from vllm_jax.config import EngineConfig
 from vllm_jax.kernels.backend import BACKENDS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors as the usage line and the reason (not the whole option list)."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n"
+                     f"{self.prog}: error: {message}\n")
+
+
 def positive(kind=int):
     def parse(s):
         try:
@@ -42,9 +50,11 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "memory and reads, as llama.cpp's default cache does)")
     p.add_argument("--quant", help="quantize safetensors weights in situ (q4_0, q4k, q8_0, ...)")
     p.add_argument("--kvmem", type=positive(), default=4096, metavar="MB",
-                   help="KV cache size in MB (default 4096)")
+                   help="KV cache limit in MB per device (default 4096); the cache holds "
+                        "max-num-seqs sequences of max-model-len tokens, or what fits")
     p.add_argument("--max-model-len", type=positive(), metavar="N")
-    p.add_argument("--max-num-seqs", type=positive(), default=64, metavar="N")
+    p.add_argument("--max-num-seqs", type=positive(), metavar="N",
+                   help="sequences run at once (default 64; the CLI: the number of prompts)")
     p.add_argument("--max-num-batched-tokens", type=positive(), default=512, metavar="N")
     p.add_argument("--d", type=device_ids, metavar="IDS", help="device ids, e.g. 0,1,2,3")
     p.add_argument("--tp", type=positive(), metavar="N",
@@ -70,7 +80,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     return EngineConfig(**{**dict(
         model_path=args.w, dtype=args.dtype, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
         kvcache_mem_mb=args.kvmem, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs or 64,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         device_ids=args.d, tensor_parallel_size=args.tp,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
         process_id=args.process_id, kernel_backend=args.kernel_backend, seed=args.seed,

@@ -6,13 +6,12 @@ import logging
 import sys
 import time
 
-from vllm_jax.args import add_engine_args, engine_config, positive
+from vllm_jax.args import Parser, add_engine_args, engine_config, positive
 from vllm_jax.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vllm_jax.cli",
-                                description="Generate text with vllm_jax.")
+    p = Parser(prog="python -m vllm_jax.cli", description="Generate text with vllm_jax.")
     add_engine_args(p)
     p.add_argument("--prompts", help='prompts separated by "|", run as one batch')
     p.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
@@ -40,16 +39,20 @@ def render(engine, prompt: str, raw: bool) -> str:
 
 
 def run_prompts(engine, prompts: list[str], params, raw: bool):
+    """Runs the prompts as one batch; prints vLLM.rs's stats lines, compile time on its own."""
     ids = [engine.add_request(engine.tokenizer.encode_prompt(render(engine, p, raw)), params)
            for p in prompts]
     num_prompt = sum(len(engine.requests[i].prompt_token_ids) for i in ids)
     done, first_token_at, last_report = {}, {}, time.monotonic()
-    start = time.monotonic()
+    start, compile0 = time.monotonic(), engine.compile_seconds
+    prefill_compile = None
     while len(done) < len(ids):
         for out in engine.step():
             first_token_at.setdefault(out.request_id, time.monotonic())
             if out.finished:
                 done[out.request_id] = out
+        if prefill_compile is None and len(first_token_at) == len(ids):
+            prefill_compile = engine.compile_seconds - compile0
         now = time.monotonic()
         if now - last_report > 5:
             active = len(ids) - len(done)
@@ -57,18 +60,28 @@ def run_prompts(engine, prompts: list[str], params, raw: bool):
             print(f"[{active} active requests] {engine.num_generated_tokens} tokens generated "
                   f"({rate:.1f} tokens/s)", file=sys.stderr)
             last_report = now
-    end = time.monotonic()
-    prefill_end = max(first_token_at.values())
+    end, compiled = time.monotonic(), engine.compile_seconds - compile0
     outs = [done[i] for i in ids]
     generated = sum(len(o.token_ids) for r in outs for o in r.outputs)
     decode_tokens = generated - sum(len(r.outputs) for r in outs)
-    pt = prefill_end - start
-    dt = max(end - prefill_end, 1e-9)
+    pt = max(first_token_at.values()) - start - prefill_compile
+    dt = end - max(first_token_at.values()) - (compiled - prefill_compile)
     print(f"Prompt tokens: {num_prompt} in {pt:.2f} s ({num_prompt / max(pt, 1e-9):.2f} tokens/s)",
           file=sys.stderr)
-    print(f"[{len(ids)} requests] {generated} tokens generated in {end - start:.2f} s "
-          f"(decoding throughput {decode_tokens / dt:.2f} tokens/s)", file=sys.stderr)
+    print(f"[{len(ids)} requests] {generated} tokens generated in {pt + dt:.2f} s "
+          f"(decoding throughput {decode_tokens / max(dt, 1e-9):.2f} tokens/s)", file=sys.stderr)
+    print(f"Compiling (or loading compiled steps from the cache): {compiled:.2f} s",
+          file=sys.stderr)
     return outs
+
+
+def split_prompts(text: str) -> list[str]:
+    """--prompts "a | b" -> ["a", "b"]; an empty prompt between separators is an error."""
+    prompts = [p.strip() for p in text.split("|")]
+    empty = [i + 1 for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"--prompts: prompt {empty[0]} of {len(prompts)} is empty")
+    return prompts
 
 
 def main(argv=None):
@@ -76,6 +89,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # no probing of absent TPU/GPU plugins
     try:
         if args.server:
             from vllm_jax.server import serve
@@ -94,18 +108,17 @@ def main(argv=None):
 
         params = SamplingParams(temperature=args.temperature or 0.0, top_k=args.top_k,
                                 top_p=args.top_p, max_tokens=args.max_tokens)
-        engine = LLMEngine(engine_config(args))
+        prompts = split_prompts(args.prompts) if args.prompts else []
+        if args.batch:
+            prompts = [prompts[0]] * args.batch
+        batch = {} if args.max_num_seqs else {"max_num_seqs": min(64, max(1, len(prompts)))}
+        engine = LLMEngine(engine_config(args, **batch))
         if args.save_gguf:
             from vllm_jax.loader.quantize import save_engine_gguf
             save_engine_gguf(engine, args.save_gguf)
             print(f"wrote {args.save_gguf}", file=sys.stderr)
-        if not args.prompts:
-            return 0
-        prompts = [p.strip() for p in args.prompts.split("|") if p.strip()]
         if not prompts:
-            parser.error("--prompts holds no prompt")
-        if args.batch:
-            prompts = [prompts[0]] * args.batch
+            return 0
         outs = run_prompts(engine, prompts, params, args.raw)
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
             print(f"===== [{i + 1}/{len(outs)}] {prompt}")

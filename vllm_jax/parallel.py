@@ -161,6 +161,13 @@ def kv_cache_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+def kv_shards(cfg: ModelConfig, mesh: Mesh | None) -> int:
+    """Into how many slices the KV cache splits over the mesh (1: whole on every device)."""
+    if mesh is None:
+        return 1
+    return mesh.shape[TP] if logical_rules(cfg, mesh.shape[TP])["kv_heads"] == TP else 1
+
+
 def under_mesh(fn, mesh: Mesh | None):
     """fn called (and traced) with `mesh` as the context mesh, so model code can find it."""
     if mesh is None:

@@ -1,7 +1,9 @@
-"""Per-request sampling parameters (vLLM's names and defaults)."""
+"""Per-request sampling parameters (vLLM's names and defaults), and a model's own defaults."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vllm_jax.runner.sampler import MAX_LOGPROBS
 
@@ -72,3 +74,27 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1)
+
+
+# What llama.cpp samples with unless told otherwise; small models stay coherent with them.
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def model_defaults(model_path) -> tuple[dict, str]:
+    """The sampling defaults for requests that leave them unset, and where they come from: the
+    model folder's generation_config.json when it sets any (vLLM's default), else llama.cpp's."""
+    file = Path(model_path) / "generation_config.json"
+    if file.is_file():
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            config = {}
+        found = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
+        if found:
+            return found, "generation_config.json"
+    return dict(LLAMA_CPP_DEFAULTS), "llama.cpp's defaults"
+
+
+def describe(defaults: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in defaults.items())

@@ -17,9 +17,9 @@ from vllm_jax.engine.sequence import Sequence
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
-from vllm_jax.runner.model_runner import (ModelRunner, enable_compilation_cache,
+from vllm_jax.runner.model_runner import (CompileClock, ModelRunner, enable_compilation_cache,
                                           kv_cache_bytes_per_page)
-from vllm_jax.sampling_params import SamplingParams
+from vllm_jax.sampling_params import SamplingParams, describe, model_defaults
 from vllm_jax.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("vllm_jax")
@@ -46,6 +46,7 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded=None):
         enable_compilation_cache(cache_dir())
+        CompileClock.start()
         self.config = config
         parallel.init_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
@@ -58,6 +59,10 @@ class LLMEngine:
         self.loaded = loaded
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
+        # for requests that leave temperature, top_k, top_p, min_p unset (chat, the server)
+        self.sampling_defaults, self.sampling_defaults_source = model_defaults(loaded.path)
+        log.info("sampling defaults (%s): %s", self.sampling_defaults_source,
+                 describe(self.sampling_defaults))
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context "
@@ -65,15 +70,7 @@ class LLMEngine:
         kv_dtype = config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
         kv_dtype = to_dtype(kv_dtype)
         ps = config.page_size
-        per_page = kv_cache_bytes_per_page(cfg, ps, np.dtype(kv_dtype).itemsize)
-        num_pages = int(config.kvcache_mem_mb * 2**20 // per_page)
-        if num_pages < -(-self.max_model_len // ps):
-            raise ConfigError(
-                f"the KV cache ({config.kvcache_mem_mb} MB = {num_pages} pages of {ps} tokens) "
-                f"cannot hold one sequence of max_model_len={self.max_model_len}; raise --kvmem "
-                f"or lower --max-model-len")
-        log.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)", num_pages, ps,
-                 num_pages * per_page / 2**20, np.dtype(kv_dtype).name)
+        num_pages = self._kv_pages(cfg, ps, np.dtype(kv_dtype))
         max_tokens = min(config.max_num_batched_tokens, self.max_model_len)
         max_tokens = max(max_tokens, min(16, self.max_model_len))
         max_prefill_seqs = min(8, config.max_num_seqs)
@@ -88,6 +85,33 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
         self.num_generated_tokens = 0
         self._next_id = 0
+
+    def _kv_pages(self, cfg, ps: int, dtype: np.dtype) -> int:
+        """Pages for max_num_seqs full-length sequences, at most kvcache_mem_mb per device.
+
+        The budget is per device: under tensor parallelism each device holds its KV heads'
+        slice of every page (the whole page where attention is replicated)."""
+        config = self.config
+        per_page = (kv_cache_bytes_per_page(cfg, ps, dtype.itemsize)
+                    / parallel.kv_shards(cfg, self.mesh))
+        pages_per_seq = -(-self.max_model_len // ps)
+        budget = int(config.kvcache_mem_mb * 2**20 // per_page)
+        if budget < pages_per_seq:
+            raise ConfigError(
+                f"the KV cache ({config.kvcache_mem_mb} MB = {budget} pages of {ps} tokens) "
+                f"cannot hold one sequence of max_model_len={self.max_model_len}; raise --kvmem "
+                f"or lower --max-model-len")
+        num_pages = min(budget, config.max_num_seqs * pages_per_seq)
+        log.info("KV cache: %d tokens (%d pages of %d), %.1f sequences of max_model_len %d; "
+                 "%.1f MiB per device (%s)", num_pages * ps, num_pages, ps,
+                 num_pages / pages_per_seq, self.max_model_len, num_pages * per_page / 2**20,
+                 dtype.name)
+        return num_pages
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this process has spent compiling (or loading compiled programs)."""
+        return CompileClock.seconds
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -38,10 +38,25 @@ def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
+class Reader(gguf.GGUFReader):
+    """gguf-py's reader, slicing a plain ndarray view of its memory map: numpy's memmap subclass
+    costs ~1 us of bookkeeping per slice, and the parse takes ~20 slices per vocabulary token
+    (2.1 s of SmolLM2's 49,152-token load, against 0.2 s)."""
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """GGUFReader with every way a damaged file fails turned into one ConfigError."""
+    """A GGUF reader, with every way a damaged file fails turned into one ConfigError."""
     try:
-        reader = gguf.GGUFReader(path)
+        reader = Reader(path)
     except (ValueError, IndexError, KeyError, OSError, TypeError, OverflowError,
             UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: truncated or corrupt GGUF file ({e})") from None

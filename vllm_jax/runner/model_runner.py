@@ -39,10 +39,29 @@ def kv_cache_bytes_per_page(cfg, page_size: int, itemsize: int) -> int:
 
 
 def enable_compilation_cache(root):
-    """Keep compiled step functions on disk so the next start skips compiling them."""
+    """Keep every compiled step function on disk so the next start loads instead of compiling."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class CompileClock:
+    """Seconds this process spent tracing, compiling and loading compiled programs (from JAX's
+    monitoring events), so throughput figures can leave them out."""
+    seconds = 0.0
+    _listening = False
+
+    @classmethod
+    def start(cls):
+        if not cls._listening:
+            jax.monitoring.register_event_duration_secs_listener(cls._record)
+            cls._listening = True
+
+    @classmethod
+    def _record(cls, event: str, duration: float, **_):
+        if event.startswith("/jax/core/compile/"):  # tracing, lowering, compiling or loading
+            cls.seconds += duration
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:

@@ -30,10 +30,9 @@ def add_server_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm_jax.args import add_engine_args
+    from vllm_jax.args import Parser, add_engine_args
 
-    p = argparse.ArgumentParser(prog="python -m vllm_jax.server",
-                                description="Serve a model over the OpenAI API.")
+    p = Parser(prog="python -m vllm_jax.server", description="Serve a model over the OpenAI API.")
     add_engine_args(p)
     add_server_args(p)
     return p

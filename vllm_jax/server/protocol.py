@@ -69,7 +69,7 @@ class SamplingRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         if not 1 <= self.n <= MAX_N:
             raise APIError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
@@ -82,16 +82,18 @@ class SamplingRequest(OpenAIModel):
             raise APIError("stream_options can only be set when stream is true",
                            param="stream_options")
 
-        def pick(v, default):
-            return default if v is None else v
+        def pick(v, name, default):
+            return defaults.get(name, default) if v is None else v
 
         try:
             return SamplingParams(
-                n=self.n, temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
-                top_k=pick(self.top_k, 0), min_p=pick(self.min_p, 0.0),
-                presence_penalty=pick(self.presence_penalty, 0.0),
-                frequency_penalty=pick(self.frequency_penalty, 0.0),
-                repetition_penalty=pick(self.repetition_penalty, 1.0), seed=self.seed,
+                n=self.n, temperature=pick(self.temperature, "temperature", 1.0),
+                top_p=pick(self.top_p, "top_p", 1.0), top_k=pick(self.top_k, "top_k", 0),
+                min_p=pick(self.min_p, "min_p", 0.0),
+                presence_penalty=pick(self.presence_penalty, "presence_penalty", 0.0),
+                frequency_penalty=pick(self.frequency_penalty, "frequency_penalty", 0.0),
+                repetition_penalty=pick(self.repetition_penalty, "repetition_penalty", 1.0),
+                seed=self.seed,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -181,7 +181,8 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
     ids = tok.encode(text, add_special_tokens=False)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = req.sampling_params(state.check_prompt(ids, requested, "messages"), logprobs)
+    params = req.sampling_params(state.check_prompt(ids, requested, "messages"), logprobs,
+                                 state.engine().sampling_defaults)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": req.model or state.model_name}
     group = RequestGroup(state.engine_thread, rid, [ids], [params])
@@ -273,9 +274,10 @@ async def completion(state: ServerState, req: CompletionRequest, raw: Request):
             prompt_ids.append(list(p))
     echo_only = req.echo and req.max_tokens == 0  # lm-eval style: just the prompt's logprobs
     prompt_logprobs = req.logprobs if req.echo else None
+    defaults = state.engine().sampling_defaults
     params = [req.sampling_params(state.check_prompt(ids, 1 if echo_only else req.max_tokens,
                                                      "prompt"),
-                                  None if echo_only else req.logprobs, prompt_logprobs)
+                                  None if echo_only else req.logprobs, defaults, prompt_logprobs)
               for ids in prompt_ids]
     rid = f"cmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "object": "text_completion", "created": int(time.time()),
