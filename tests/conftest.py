@@ -1,9 +1,14 @@
 """Shared fixtures: tiny random transformers models saved as safetensors, with a real tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import json
-import zlib
 import os
+import signal
+import socket
+import subprocess
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -134,3 +139,40 @@ def real_model():
             pytest.skip(str(e))
 
     return get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], log_path: Path, timeout: float = 300, env=None):
+    """`python -m vllm_jax.server ...` (argv) until /health answers 200; stopped with Ctrl+C."""
+    import httpx
+
+    port = int(argv[argv.index("--port") + 1])
+    log = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            env=env or {**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

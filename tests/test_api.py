@@ -127,6 +127,49 @@ def test_engine_takes_an_engine_config(tiny):
         "<|im_start|>user\nx<|im_end|>\n"
 
 
+def test_vllm_rs_python_example(tiny, capsys):
+    """vLLM.rs's Python example as its README writes it (dtype f32: the CPU's)."""
+    from vllm_jax import EngineConfig
+
+    # --- vLLM.rs's README, except for the model path, the limits and the dtype ------------------
+    cfg = EngineConfig(model_path=str(tiny[0]), max_model_len=256, kvcache_mem_mb=16)
+    engine = Engine(cfg, "f32")
+    params = SamplingParams(temperature=0.6, max_tokens=16)
+    prompt = engine.apply_chat_template([Message("user", "How are you?")], True)
+
+    # Synchronous generation for batched input
+    outputs = engine.generate_sync(params, [prompt, prompt])
+    print(outputs)
+
+    # Streaming generation for single request
+    stream = engine.generate_stream(params, prompt)
+    for token in stream:
+        print(token)
+    # ---------------------------------------------------------------------------------------------
+    assert prompt == "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+    assert len(outputs) == 2 and all(o.finished and o.prompt == prompt for o in outputs)
+    printed = capsys.readouterr().out
+    assert printed.startswith("[RequestOutput(") and len(printed.splitlines()) > 1
+    assert engine.llm_engine.config.dtype == "f32" and cfg.dtype == "auto"
+
+
+def test_a_positional_dtype_overrides_the_configs(tiny):
+    import jax
+    from flax import nnx
+
+    from vllm_jax import EngineConfig
+
+    cfg = EngineConfig(model_path=str(tiny[0]), dtype="f32", max_model_len=64, kvcache_mem_mb=1,
+                       max_num_seqs=2)
+    engine = Engine(cfg, "f16", max_num_seqs=1)
+    assert engine.llm_engine.config.dtype == "f16" and cfg.dtype == "f32"
+    assert engine.llm_engine.config.max_num_seqs == 1 and cfg.max_num_seqs == 2
+    weights = jax.tree_util.tree_leaves(nnx.state(engine.llm_engine.loaded.model))
+    assert np.dtype("float16") in {w.dtype for w in weights}
+    with pytest.raises(TypeError, match="multiple values"):
+        Engine(cfg, "f16", dtype="f32")
+
+
 def test_jax_library_example(tiny):
     path, hf_model = tiny
     # --- the README's "JAX library" example, verbatim except for the model path ----------------
@@ -136,7 +179,9 @@ def test_jax_library_example(tiny):
 
     from vllm_jax import forward_logits, load_model
 
-    model, config, tokenizer = load_model(str(path), dtype="f32")
+    # dequantize=True unpacks a GGUF file's quantized blocks to float32 at load: jax.grad
+    # differentiates float arrays only (a safetensors folder's weights are float already)
+    model, config, tokenizer = load_model(str(path), dtype="f32", dequantize=True)
     batch = jnp.array([tokenizer.encode("The quick brown fox jumps over the lazy dog")[:8],
                        tokenizer.encode("Hello world! How are you today?")[:8]])
     logits = forward_logits(model, batch)  # [2, 8, vocab], float32

@@ -19,23 +19,36 @@ STATS = r"\[ Prompt: [\d.]+ t/s \| Generation: [\d.]+ t/s \] \d+ of 512 context 
 
 
 @pytest.fixture
-def chat(model_dir):
+def spawn_chat(model_dir):
+    """spawn_chat(setup="") -> the chat in a pseudo-terminal; `setup` runs first in the child."""
     path = model_dir("llama")[0]
-    # every engine step takes >= 10 ms, so an answer of 100 tokens outlasts the 0.3 s before
-    # the Ctrl+C below however fast this machine runs the tiny model
-    script = ("import sys, time; from vllm_jax.repl import run_chat; "
-              "from vllm_jax.engine.llm_engine import LLMEngine; step = LLMEngine.step; "
-              "LLMEngine.step = lambda self: (time.sleep(0.01), step(self))[1]; "
-              "from vllm_jax import EngineConfig, SamplingParams; "
-              f"sys.exit(run_chat(EngineConfig(model_path={str(path)!r}, dtype='f32', "
-              "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2), "
-              "SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)))")
-    child = pexpect.spawn(sys.executable, ["-c", script], encoding="utf-8", timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "dumb"},
-                          dimensions=(50, 200))
-    yield child
-    if child.isalive():
-        child.terminate(force=True)
+    children = []
+
+    def spawn(setup: str = ""):
+        # every engine step takes >= 10 ms, so an answer of 100 tokens outlasts the 0.3 s
+        # before the Ctrl+C below however fast this machine runs the tiny model
+        script = (setup + "import sys, time; from vllm_jax.repl import run_chat; "
+                  "from vllm_jax.engine.llm_engine import LLMEngine; step = LLMEngine.step; "
+                  "LLMEngine.step = lambda self: (time.sleep(0.01), step(self))[1]; "
+                  "from vllm_jax import EngineConfig, SamplingParams; "
+                  f"sys.exit(run_chat(EngineConfig(model_path={str(path)!r}, dtype='f32', "
+                  "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2), "
+                  "dict(temperature=0, max_tokens=100, ignore_eos=True)))")
+        child = pexpect.spawn(sys.executable, ["-c", script], encoding="utf-8", timeout=120,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "dumb"},
+                              dimensions=(50, 200))
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+@pytest.fixture
+def chat(spawn_chat):
+    return spawn_chat()
 
 
 def test_chat_in_a_terminal(chat):
@@ -80,6 +93,27 @@ def test_ctrl_c_twice_or_ctrl_d_at_the_prompt_exits(chat, keys):
         chat.expect(">>> ")
         chat.sendintr()
     chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+# A Ctrl+C at every prompt at the worst moment: readline's pre-input hook runs once the prompt
+# is written, just before input() blocks in select(). raise(3) called from C (no Python code
+# runs, so CPython's handler only sets its flag) is what a Ctrl+C sent by a fast reader of the
+# prompt does to a slow chat; without the chat's ticks the flag waited for the next key press.
+CTRL_C_BEFORE_SELECT = (
+    "import ctypes, functools, signal, readline; readline.set_pre_input_hook("
+    "functools.partial(getattr(ctypes.CDLL(None), 'raise'), signal.SIGINT)); ")
+
+
+def test_ctrl_c_just_before_input_blocks_is_not_lost(spawn_chat):
+    readline = pytest.importorskip("readline")
+    if not hasattr(readline, "set_pre_input_hook"):
+        pytest.skip("this readline has no pre-input hook")
+    chat = spawn_chat(CTRL_C_BEFORE_SELECT)
+    chat.expect(">>> ")
+    chat.expect("Ctrl\\+C again", timeout=30)  # after the model has loaded: within 0.1 s
+    chat.expect(pexpect.EOF, timeout=30)  # the second prompt's Ctrl+C
     chat.close()
     assert chat.exitstatus == 0
 

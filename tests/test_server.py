@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import free_port, server_process
 from openai import AsyncOpenAI, OpenAI
 
 from vllm_jax import LLM, SamplingParams
@@ -398,41 +395,14 @@ def test_health_is_503_until_the_model_loads(model_dir):
         thread.join(30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_python_dash_m_server(model_dir, tmp_path):
     path = model_dir("llama")[0]
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_jax.server", "--w", str(path), "--dtype", "f32",
-         "--kvmem", "16", "--max-model-len", "256", "--max-num-seqs", "8", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    argv = [sys.executable, "-m", "vllm_jax.server", "--w", str(path), "--dtype", "f32",
+            "--kvmem", "16", "--max-model-len", "256", "--max-num-seqs", "8", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with server_process(argv, tmp_path / "server.log", timeout=120):
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [path.name]
         r = client.completions.create(model=path.name, prompt="Hello", max_tokens=2)
         assert r.usage.completion_tokens <= 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

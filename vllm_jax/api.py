@@ -42,13 +42,22 @@ class Engine:
     outputs are kept per request until that request's iterator asks for them.
     """
 
-    def __init__(self, config: EngineConfig | None = None, **options):
+    def __init__(self, config: EngineConfig | None = None, dtype: str | None = None,
+                 **options):
+        """`Engine(EngineConfig(model_path=...), "bf16")`, or `Engine(model_path=..., ...)`.
+
+        dtype (auto, bf16, f16, f32) and options (EngineConfig's fields) override the config's.
+        """
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(options) - fields)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {unknown}; engine options are: "
                             f"{', '.join(sorted(fields))}")
-        self.llm_engine = LLMEngine(config or EngineConfig(**options))
+        if dtype is not None:
+            options["dtype"] = dtype
+        config = (dataclasses.replace(config, **options) if config is not None
+                  else EngineConfig(**options))
+        self.llm_engine = LLMEngine(config)
         self._latest: dict[str, RequestOutput | None] = {}
         self._texts: dict[str, str] = {}
         self._ids = itertools.count()
@@ -213,9 +222,13 @@ def _prompt_input(p) -> str | list[int]:
 
 # -- the model as a JAX function ------------------------------------------------------------------
 
-def load_model(path: str | None = None, dtype: str = "auto"):
-    """(NNX model, ModelConfig, Tokenizer) for a model folder or .gguf file (None: the default)."""
-    loaded = load(resolve_model_path(path), dtype)
+def load_model(path: str | None = None, dtype: str = "auto", dequantize: bool = False):
+    """(NNX model, ModelConfig, Tokenizer) for a model folder or .gguf file (None: the default).
+
+    dequantize: unpack a GGUF file's quantized blocks to `dtype` at load. Packed blocks are
+    integer arrays, which `jax.grad` cannot differentiate; a folder's weights are dense already.
+    """
+    loaded = load(resolve_model_path(path), dtype, keep_quantized=False if dequantize else None)
     return loaded.model, loaded.config, loaded.tokenizer
 
 

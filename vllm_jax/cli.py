@@ -17,9 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
     p.add_argument("--max-tokens", "--max", dest="max_tokens", type=positive(), default=256)
     p.add_argument("--temperature", type=float,
-                   help="default: 0 (greedy) for --prompts, 0.7 for the chat")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+                   help="default: 0 (greedy) for --prompts; the chat: the model's "
+                        "(generation_config.json, else llama.cpp's 0.8)")
+    p.add_argument("--top-k", type=int, help="default: off for --prompts; the chat: the model's")
+    p.add_argument("--top-p", type=float, help="default: off for --prompts; the chat: the model's")
+    p.add_argument("--min-p", type=float, help="default: off for --prompts; the chat: the model's")
     p.add_argument("--batch", type=positive(), metavar="N",
                    help="benchmark: run the (first) prompt N times")
     p.add_argument("--i", action="store_true", help="interactive chat")
@@ -96,18 +98,18 @@ def main(argv=None):
             return serve(engine_config(args), args.host, args.port)
         if args.i:
             from vllm_jax.repl import run_chat
-            from vllm_jax.sampling_params import SamplingParams
-            chat_params = SamplingParams(temperature=0.7 if args.temperature is None else args.temperature,
-                                         top_k=args.top_k,
-                                         top_p=args.top_p, max_tokens=None)
-            return run_chat(engine_config(args), chat_params)
+            flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                     "min_p": args.min_p}
+            return run_chat(engine_config(args, max_num_seqs=args.max_num_seqs or 1),
+                            {k: v for k, v in flags.items() if v is not None})
         if not args.prompts and not args.save_gguf:
             parser.error("nothing to do: pass --prompts, --i or --server")
         from vllm_jax.engine.llm_engine import LLMEngine
         from vllm_jax.sampling_params import SamplingParams
 
-        params = SamplingParams(temperature=args.temperature or 0.0, top_k=args.top_k,
-                                top_p=args.top_p, max_tokens=args.max_tokens)
+        params = SamplingParams(temperature=args.temperature or 0.0, top_k=args.top_k or 0,
+                                top_p=args.top_p or 1.0, min_p=args.min_p or 0.0,
+                                max_tokens=args.max_tokens)
         prompts = split_prompts(args.prompts) if args.prompts else []
         if args.batch:
             prompts = [prompts[0]] * args.batch

@@ -6,13 +6,14 @@ prompt leaves. When the history outgrows the context, the oldest turns are dropp
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
 
 from vllm_jax.api import Engine
 from vllm_jax.config import EngineConfig
-from vllm_jax.sampling_params import SamplingParams
+from vllm_jax.sampling_params import SamplingParams, describe
 
 HELP = """commands:
   /clear   forget the conversation
@@ -75,6 +76,31 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._old)
 
 
+@contextlib.contextmanager
+def _prompt_ticks(restart_reads: bool, interval: float = 0.1):
+    """While input() waits, a no-op SIGALRM every `interval` seconds, so that a Ctrl+C is
+    never lost at the prompt.
+
+    CPython's SIGINT handler only sets a flag, checked when a system call fails with EINTR;
+    a Ctrl+C landing after the prompt is written but before input() blocks in select()
+    (readline) or read() (without readline) interrupts nothing, and the flag waited for the
+    next key press. The ticks interrupt the wait: input() then sees the pending Ctrl+C and
+    raises KeyboardInterrupt. select() is interrupted whatever SA_RESTART says; with readline
+    (restart_reads) the ticks restart reads and writes instead of failing them.
+    """
+    if not hasattr(signal, "setitimer"):  # Windows
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    signal.siginterrupt(signal.SIGALRM, not restart_reads)
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def answer(chat: Chat, out=sys.stdout) -> bool:
     """Generate and print the reply to the history; False if it was interrupted."""
     ids, dropped = chat.fit()
@@ -118,25 +144,33 @@ def answer(chat: Chat, out=sys.stdout) -> bool:
     return not interrupt.hit
 
 
-def run_chat(engine_config: EngineConfig, params: SamplingParams | None = None,
+def run_chat(engine_config: EngineConfig, overrides: dict | None = None,
              system: str | None = None) -> int:
+    """The chat loop. Sampling: the model's defaults (generation_config.json, else llama.cpp's),
+    with `overrides` (SamplingParams fields: the flags the user gave) on top."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
+        has_readline = True
     except ImportError:
-        pass
+        has_readline = False
     print("loading the model ...", file=sys.stderr, flush=True)
     engine = Engine(engine_config)
     if not engine.tokenizer.chat_template:
         print("this model has no chat template; use --prompts instead", file=sys.stderr)
         return 2
-    params = params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=None)
+    llm = engine.llm_engine
+    chosen = {**llm.sampling_defaults, **(overrides or {})}
+    params = SamplingParams(**{"max_tokens": None, **chosen})
+    source = llm.sampling_defaults_source + (" and your flags" if overrides else "")
     chat = Chat(engine, params, system)
     print(f"chatting with {engine_config.model_path or 'the default model'} "
-          f"(context {engine.max_model_len} tokens); /help for commands")
+          f"(context {engine.max_model_len} tokens; sampling {describe(chosen)}, from {source}); "
+          f"/help for commands")
     interrupted = False
     while True:
         try:
-            line = input(">>> ").strip()
+            with _prompt_ticks(restart_reads=has_readline):
+                line = input(">>> ").strip()
         except EOFError:
             print()
             return 0
