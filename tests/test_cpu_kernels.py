@@ -1,7 +1,7 @@
 """The C++ CPU kernels (kernels/cpu_*.cc, XLA FFI calls): the quantized matmul (plain and grouped
-by expert) and dequantizer against gguf-py's dequantization, and paged decode attention against
-the XLA reference and a float64 softmax, with NaN in every cache slot outside a sequence's
-context."""
+by expert) and dequantizer against gguf-py's dequantization, the 16-bit-weight matmul against a
+float64 product, and paged decode attention against the XLA reference and a float64 softmax,
+with NaN in every cache slot outside a sequence's context."""
 from __future__ import annotations
 
 import gguf
@@ -158,6 +158,62 @@ def test_grouped_qmatmul_does_not_read_experts_without_rows(qtype):
     np.testing.assert_array_equal(got, clean)
     np.testing.assert_allclose(got, _grouped_reference(x, ws, [3, 0, 6, 0, 0]), rtol=1e-5,
                                atol=1e-5 * np.abs(got).max())
+
+
+DENSE = [jnp.bfloat16, jnp.float16, jnp.float32]
+
+
+@pytest.mark.parametrize("wdtype", DENSE, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("xdtype", DENSE, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("cols", [70, 71])
+def test_dense_matmul_matches_float64_reference(wdtype, xdtype, cols):
+    # 53 rows: ragged for the 24-row panels and 12-row tiles (6 and 6 on AVX2); 70 and 71
+    # columns: a partial last vector (8 or 16 floats, 32 bfloat16 pairs), 71 half a pair. Token
+    # counts: each few-token case's ends (1-8), one vector of tokens, 2 vectors plus 1, 64, a
+    # 128-token slice plus a few (130) and plus several vectors (200)
+    rng = np.random.default_rng(21)
+    w = jnp.asarray(rng.standard_normal((53, cols)), wdtype)
+    fn = jax.jit(cpu.dense_matmul)
+    for tokens in (1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 130, 200):
+        x = jnp.asarray(rng.standard_normal((tokens, cols)), xdtype)
+        got = np.asarray(fn(x, w))
+        ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+        assert got.dtype == np.float32 and got.shape == (tokens, 53)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("wdtype", DENSE, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("xdtype", DENSE, ids=lambda d: d.__name__)
+def test_dense_matmul_reads_weights_exactly_and_only_its_own_row(wdtype, xdtype):
+    # x = I: each output is one weight times 1 plus exact zeros, so the weights come out bit for
+    # bit (40 tokens: the tiles, 1: the few-token path)
+    rows, cols = 29, 45
+    w = np.asarray(np.random.default_rng(22).standard_normal((rows, cols)), np.float32)
+    want = np.asarray(jnp.asarray(w, wdtype), np.float32)
+    eye = jnp.asarray(np.eye(cols), xdtype)
+    fn = jax.jit(cpu.dense_matmul)
+    np.testing.assert_array_equal(np.asarray(fn(eye[3:43], jnp.asarray(w, wdtype))).T,
+                                  want[:, 3:43])
+    for k in (0, cols - 1):
+        np.testing.assert_array_equal(np.asarray(fn(eye[k:k + 1], jnp.asarray(w, wdtype)))[0],
+                                      want[:, k])
+    # every odd row starts with Inf: a row's partial last chunk read past its end (into the next
+    # row) would meet it against the zero padding and make a NaN in the row before
+    w[1::2, 0] = np.inf
+    x = jnp.asarray(np.random.default_rng(23).uniform(0.5, 1.5, (20, cols)), xdtype)
+    for x2 in (x, x[:2]):  # tiles and the few-token path
+        got = np.asarray(fn(x2, jnp.asarray(w, wdtype)))
+        assert np.all(np.isfinite(got[:, 0::2])) and np.all(got[:, 1::2] == np.inf)
+
+
+def test_dense_matmul_arguments():
+    w = jnp.ones((4, 6), jnp.bfloat16)
+    with pytest.raises(ValueError, match="weight dtype"):
+        cpu.dense_matmul(jnp.ones((2, 6)), w.astype(jnp.int8))
+    with pytest.raises(ValueError, match="expected"):
+        cpu.dense_matmul(jnp.ones((2, 5)), w)
+    np.testing.assert_array_equal(np.asarray(cpu.dense_matmul(jnp.ones((2, 6), jnp.int32), w)),
+                                  np.full((2, 4), 6.0))  # other dtypes: cast to float32
 
 
 @pytest.mark.parametrize("kvh,g,hd,lens,window", [

@@ -167,3 +167,26 @@ def test_gemma3_text_tower_of_a_conditional_generation_checkpoint(tmp_path):
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     check_against_transformers(tmp_path, hf, max_tokens=8)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_checkpoints_stay_16_bit_on_the_cpu(model_dir, tmp_path, dtype):
+    """A bf16/f16 checkpoint run in float32 keeps its matrices 16-bit (the C++ kernel widens
+    them in registers: exact products, float32 sums) and computes transformers' float32 model
+    of the same weights."""
+    import copy
+
+    import transformers
+
+    path, hf = model_dir("llama")
+    half = copy.deepcopy(hf).to(getattr(torch, dtype))
+    half.save_pretrained(tmp_path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (path / f).exists():
+            (tmp_path / f).write_bytes((path / f).read_bytes())
+    engine = engine_for(tmp_path)
+    layer = engine.loaded.model.layers[0]
+    assert layer.mlp.up_proj.weight[...].dtype == dtype  # 16-bit in memory
+    assert layer.input_layernorm.weight[...].dtype == "float32"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    check_against_transformers(tmp_path, reference.eval(), max_tokens=8)

@@ -222,13 +222,15 @@ def _prompt_input(p) -> str | list[int]:
 
 # -- the model as a JAX function ------------------------------------------------------------------
 
-def load_model(path: str | None = None, dtype: str = "auto", dequantize: bool = False):
+def load_model(path: str | None = None, dtype: str = "auto", dequantize: bool = False,
+               kernel_backend: str = "auto"):
     """(NNX model, ModelConfig, Tokenizer) for a model folder or .gguf file (None: the default).
 
     dequantize: unpack a GGUF file's quantized blocks to `dtype` at load. Packed blocks are
     integer arrays, which `jax.grad` cannot differentiate; a folder's weights are dense already.
     """
-    loaded = load(resolve_model_path(path), dtype, keep_quantized=False if dequantize else None)
+    loaded = load(resolve_model_path(path), dtype, backend=kernel_backend,
+                  keep_quantized=False if dequantize else None)
     return loaded.model, loaded.config, loaded.tokenizer
 
 

@@ -1,5 +1,6 @@
-"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert) and
-cpu_attention.cc (paged decode attention), XLA FFI custom calls built on first use.
+"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert),
+cpu_dense.cc (matmul with 16-bit weights) and cpu_attention.cc (paged decode attention), XLA FFI
+custom calls built on first use.
 
 The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
 FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
@@ -28,9 +29,10 @@ import numpy as np
 log = logging.getLogger("vllm_jax")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_attention.cc"]
+SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_dense.cc", HERE / "cpu_attention.cc"]
 HEADERS = [HERE / "cpu_common.h"]
-TARGETS = ("vllm_jax_qmatmul", "vllm_jax_grouped_qmatmul", "vllm_jax_decode_attention")
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_grouped_qmatmul", "vllm_jax_dense_matmul",
+           "vllm_jax_decode_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
 FIELDS = {
     "q4_0": ("d", "qs"), "q4_1": ("d", "m", "qs"), "q5_0": ("d", "qh", "qs"),
@@ -127,6 +129,29 @@ def grouped_qmatmul(x2: jax.Array, fields: dict, qtype: str, group_sizes: jax.Ar
                  jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
     return call(x2.astype(jnp.float32), group_sizes.astype(jnp.int32), *_args(fields, qtype),
                 qtype=QTYPE_CODE[qtype])
+
+
+DENSE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def dense_matmul(x2: jax.Array, w: jax.Array) -> jax.Array:
+    """x2 [T, K] (float32, bfloat16 or float16) @ w.T for w [N, K] (bfloat16, float16 or float32)
+    -> float32 [T, N], float32 accumulation.
+
+    The weights are read as they are stored (no float32 copy) and each is widened to float32 in
+    registers: the products are of the exact values, the sums float32. bfloat16 activations
+    with bfloat16 weights on a CPU with AVX512-BF16 multiply pairs with vdpbf16ps, which reads
+    subnormal bfloat16 values as 0. Other activation dtypes are cast to float32 first."""
+    if x2.ndim != 2 or w.ndim != 2 or x2.shape[1] != w.shape[1]:
+        raise ValueError(f"dense_matmul: x2 [T, K] and w [N, K] expected, got {x2.shape} "
+                         f"and {w.shape}")
+    if w.dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense_matmul: weight dtype {w.dtype} (bfloat16, float16 or float32)")
+    if x2.dtype not in DENSE_DTYPES:
+        x2 = x2.astype(jnp.float32)
+    call = _call("vllm_jax_dense_matmul",
+                 jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))
+    return call(x2, w)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float,

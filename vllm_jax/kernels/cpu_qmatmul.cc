@@ -48,30 +48,12 @@ float f16_at(const uint8_t* p, int64_t i) {
 // AVX-512 the 4- and 5-bit types look their weights up in tables instead (table_decode).
 
 #if defined(VLLM_JAX_AVX512)
-constexpr int L = 16;
-typedef f32x16 fv;
-typedef i32x16 iv;
 inline iv widen_v(const int8_t* p) {
   return (iv)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #else
-constexpr int L = 8;
-typedef f8 fv;
-typedef i32x8 iv;
 inline iv widen_v(const int8_t* p) { return widen(p); }
 #endif
-// s in every lane (V{} + s would add 0.f first: -0.f is not a no-op, so an add is emitted)
-template <typename V>
-inline V bcast(float s);
-template <>
-inline f8 bcast<f8>(float s) { return f8{s, s, s, s, s, s, s, s}; }
-#if defined(VLLM_JAX_AVX512)
-template <>
-inline f32x16 bcast<f32x16>(float s) {
-  return f32x16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
-}
-#endif
-inline fv splat_v(float s) { return bcast<fv>(s); }
 inline fv qf(const int8_t* q) { return __builtin_convertvector(widen_v(q), fv); }
 
 #if defined(VLLM_JAX_AVX512)
@@ -437,98 +419,6 @@ constexpr int kPanel = 6, kTwinRows = 6;
 constexpr bool kInterleave = false;
 #endif
 
-// In-register transposes: r[j] lane c -> r[c] lane j
-inline void transpose8(f8 (&r)[8]) {
-  f8 t[8];
-  for (int j = 0; j < 8; j += 2) {
-    t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  f8 u[8];
-  for (int j = 0; j < 8; j += 4)
-    for (int h = 0; h < 2; ++h) {
-      u[j + 2 * h] = __builtin_shufflevector(t[j + h], t[j + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[j + 2 * h + 1] =
-          __builtin_shufflevector(t[j + h], t[j + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  for (int c = 0; c < 4; ++c) {  // column c is u[c] / u[c + 4]'s low halves, c + 4 their high
-    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-}
-
-// the first n (<= lanes) floats of v to p
-inline void store_first(float* p, f8 v, int n) {
-#if defined(VLLM_JAX_AVX512)
-  _mm256_mask_storeu_ps(p, __mmask8((1u << n) - 1), (__m256)v);
-#elif defined(__AVX2__)
-  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  _mm256_maskstore_ps(p, (__m256i)(lane < n), (__m256)v);
-#else
-  for (int i = 0; i < n; ++i) p[i] = v[i];
-#endif
-}
-
-#if defined(VLLM_JAX_AVX512)
-inline void transpose16(f32x16 (&r)[16]) {
-  f32x16 t[16], u[16];
-  for (int j = 0; j < 16; j += 2) {  // 32-bit interleave within 128-bit lanes
-    t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12,
-                                   28, 13, 29);
-    t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
-                                       14, 30, 15, 31);
-  }
-  for (int j = 0; j < 16; j += 4)  // 64-bit: 128-bit lane q of u[j + c]: rows j.. of column 4q + c
-    for (int h = 0; h < 2; ++h) {
-      u[j + 2 * h] = __builtin_shufflevector(t[j + h], t[j + h + 2], 0, 1, 16, 17, 4, 5, 20, 21,
-                                             8, 9, 24, 25, 12, 13, 28, 29);
-      u[j + 2 * h + 1] = __builtin_shufflevector(t[j + h], t[j + h + 2], 2, 3, 18, 19, 6, 7, 22,
-                                                 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-  for (int c = 0; c < 4; ++c) {  // 128-bit lanes: column 4q + c is lane q of u[c + 4k], k < 4
-    const f32x16 p0 = __builtin_shufflevector(u[c], u[4 + c], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                              19, 20, 21, 22, 23);
-    const f32x16 p1 = __builtin_shufflevector(u[c], u[4 + c], 8, 9, 10, 11, 12, 13, 14, 15, 24,
-                                              25, 26, 27, 28, 29, 30, 31);
-    const f32x16 q0 = __builtin_shufflevector(u[8 + c], u[12 + c], 0, 1, 2, 3, 4, 5, 6, 7, 16,
-                                              17, 18, 19, 20, 21, 22, 23);
-    const f32x16 q1 = __builtin_shufflevector(u[8 + c], u[12 + c], 8, 9, 10, 11, 12, 13, 14, 15,
-                                              24, 25, 26, 27, 28, 29, 30, 31);
-    r[c] = __builtin_shufflevector(p0, q0, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                   27);
-    r[4 + c] = __builtin_shufflevector(p0, q0, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
-                                       29, 30, 31);
-    r[8 + c] = __builtin_shufflevector(p1, q1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
-                                       26, 27);
-    r[12 + c] = __builtin_shufflevector(p1, q1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
-                                        29, 30, 31);
-  }
-}
-
-inline void store_first(float* p, f32x16 v, int n) {
-  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), (__m512)v);
-}
-#endif
-
-// acc[r][v] lane j (row n + r, token i + VL * v + j) -> y: transposed in registers so each token
-// gets its nrows outputs in one store (extracting lanes one by one cost ~10 cycles an output)
-template <typename V, int R, int NV>
-inline void write_t(const Problem& p, const V (&acc)[R][NV], int64_t n, int nrows, int64_t i) {
-  constexpr int VL = sizeof(V) / sizeof(float);
-  for (int r0 = 0; r0 < nrows; r0 += VL)
-    for (int v = 0; v < NV; ++v) {
-      V t[VL];
-      for (int r = 0; r < VL; ++r) t[r] = r0 + r < R ? acc[std::min(r0 + r, R - 1)][v] : V{};
-      if constexpr (VL == 8) transpose8(t);
-#if defined(VLLM_JAX_AVX512)
-      if constexpr (VL == 16) transpose16(t);
-#endif
-      const int cnt = std::min(VL, nrows - r0);
-      for (int j = 0; j < VL && i + VL * v + j < p.tokens; ++j)
-        store_first(p.y + (i + VL * v + j) * p.rows + n + r0, t[j], cnt);
-    }
-}
-
 // Walks the packed bytes of rows [n0, n1), a few cache lines a step: asked for while the panel
 // before them is multiplied, spread over its columns (all at once, at the start of the panel,
 // still left the decoding waiting on memory: 1.2x slower for the 262144-row lm_head)
@@ -600,7 +490,7 @@ void tile_t(const Problem& p, int64_t n, int nrows, int64_t i, float* panel, boo
     }
     if (!interleave && decode && b + 1 < p.nb) dequant_block<R>(rows, b + 1, 0, R, next);
   }
-  write_t(p, acc, n, nrows, i);
+  write_t(p.y, p.rows, p.tokens, acc, n, nrows, i);
 }
 
 // Rows [n0, n1) for many tokens: kTwinRows rows at a time for each 2 * L tokens, then kPanel

@@ -51,17 +51,18 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
     receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig.
     max_model_len: the longest sequence the model will run (LongRoPE picks its factors by it)."""
     jdtype = to_dtype(dtype)
+    keep_half = resolve(backend) == "cpu"
     if mesh is not None:
         place = _keep_on_host
     p = Path(path)
     qtype = parse_quant(quant)
     if p.is_dir():
-        cls, cfg, weights, tokenizer = _load_folder(path, jdtype, place, qtype)
+        cls, cfg, weights, tokenizer = _load_folder(path, jdtype, place, qtype, keep_half)
     elif p.suffix == ".gguf" and p.is_file():
         if qtype is not None:
             raise ConfigError(f"{path}: --quant quantizes safetensors folders; a GGUF file "
                               f"is already quantized")
-        cls, cfg, weights, tokenizer = _load_gguf(path, jdtype, place, backend, keep_quantized)
+        cls, cfg, weights, tokenizer = _load_gguf(path, jdtype, place, keep_half, keep_quantized)
     elif not p.exists():
         raise ConfigError(f"{path}: no such model file or folder")
     else:
@@ -80,25 +81,26 @@ def load(path: str, dtype: str = "auto", place: Callable = _place_default,
     return LoadedModel(cfg, model, tokenizer, str(path), nbytes)
 
 
-def _load_folder(path, dtype, place, qtype):
+def _load_folder(path, dtype, place, qtype, keep_half):
     cls, cfg = models.from_dir(path)
     specs = cls.weights(cfg)
     if qtype is not None:
-        weights = load_quantized(path, specs, dtype, place, qtype)
+        weights = load_quantized(path, specs, dtype, place, qtype, keep_half)
     else:
         weights = {}
         with progress(len(specs), f"loading {Path(path).name}") as bar:
             for spec, arr in st.read_weights(st.checkpoint_files(path), specs):
-                weights[spec.name] = place(spec.name, np.asarray(arr).astype(host_dtype(spec, dtype)))
+                held = host_dtype(spec, dtype, arr.dtype, keep_half)
+                weights[spec.name] = place(spec.name, np.asarray(arr).astype(held))
                 bar.update()
     return cls, cfg, weights, Tokenizer.from_dir(path)
 
 
-def _load_gguf(path, dtype, place, backend, keep_quantized):
+def _load_gguf(path, dtype, place, keep_half, keep_quantized):
     meta = gguf.GGUFMeta(gguf.open_gguf(path), path)
     cls = models.for_gguf(meta)
     cfg = cls.config_from_gguf(meta)
     if keep_quantized is None:  # only XLA's path (Metal, or no C++ compiler) unpacks
-        keep_quantized = resolve(backend) != "xla"
-    weights = gguf.read_weights(meta, cls.weights(cfg), dtype, place, keep_quantized)
+        keep_quantized = keep_half or jax.default_backend() == "gpu"
+    weights = gguf.read_weights(meta, cls.weights(cfg), dtype, place, keep_quantized, keep_half)
     return cls, cfg, weights, Tokenizer.from_gguf(meta.reader, path)

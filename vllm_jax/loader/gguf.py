@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import gguf
+import ml_dtypes
 import numpy as np
 
 from vllm_jax.kernels import quant
@@ -107,13 +108,15 @@ class GGUFMeta:
         return dense(self.tensors[name])
 
 
-def dense(t) -> np.ndarray:
+def dense(t, keep_bf16: bool = False) -> np.ndarray:
     """A tensor as float (dequantized if need be) in numpy's shape (GGUF lists dims innermost
-    first)."""
+    first); BF16 as float32 unless keep_bf16."""
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-        bits = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
+        bits = np.asarray(t.data).view(np.uint16)
+        if keep_bf16:
+            return bits.view(ml_dtypes.bfloat16).reshape(shape)
+        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
     if t.tensor_type in DENSE:
         return np.asarray(t.data).reshape(shape)
     return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
@@ -128,9 +131,10 @@ def _rows(x: np.ndarray, spec: Weight) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _weight(t, spec: Weight, dtype, place: Callable, path, keep: bool):
+def _weight(t, spec: Weight, dtype, place: Callable, path, keep: bool, keep_half: bool):
     if t.tensor_type in DENSE or len(t.shape) == 1 or not keep:
-        return place(spec.name, _rows(dense(t), spec).astype(host_dtype(spec, dtype)))
+        x = _rows(dense(t, keep_half), spec)
+        return place(spec.name, x.astype(host_dtype(spec, dtype, x.dtype, keep_half)))
     try:
         qtype = quant.qtype_name(t.tensor_type)
     except ValueError:
@@ -144,7 +148,7 @@ def _weight(t, spec: Weight, dtype, place: Callable, path, keep: bool):
 
 
 def read_weights(meta: GGUFMeta, specs: list[Weight], dtype, place: Callable,
-                 keep_quantized: bool = True) -> dict:
+                 keep_quantized: bool = True, keep_half: bool = False) -> dict:
     """The declared weights from the file; keep_quantized=False unpacks quantized tensors to
     dtype (gguf-py's dequantization)."""
     np_dtype = np.dtype(dtype)
@@ -155,7 +159,7 @@ def read_weights(meta: GGUFMeta, specs: list[Weight], dtype, place: Callable,
             if t is not None:
                 try:
                     weights[spec.name] = _weight(t, spec, dtype, place, meta.path,
-                                                 keep_quantized)
+                                                 keep_quantized, keep_half)
                 except (ValueError, IndexError) as e:
                     raise ConfigError(f"{meta.path}: corrupt tensor {t.name} ({e})") from None
             bar.update()

@@ -24,9 +24,18 @@ def to_dtype(name: str):
     return DTYPES[name]
 
 
-def host_dtype(spec: Weight, dtype) -> np.dtype:
-    """The dtype a dense weight is held in: the model's, or the one the weight asks for."""
-    return np.dtype(np.float32) if spec.dtype == "f32" else np.dtype(dtype)
+HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def host_dtype(spec: Weight, dtype, source=None, keep_half: bool = False) -> np.dtype:
+    """The dtype a dense weight is held in: the one the weight asks for, else its own when it
+    is a 16-bit matrix and keep_half (the C++ kernel multiplies 16-bit weights by float32
+    activations: half the memory and reads, exact products), else the model's."""
+    if spec.dtype == "f32":
+        return np.dtype(np.float32)
+    if keep_half and source is not None and np.dtype(source) in HALF and len(spec.shape) == 2:
+        return np.dtype(source)
+    return np.dtype(dtype)
 
 
 def progress(total: int, desc: str):

@@ -106,7 +106,8 @@ def host_weights(path, qtype: str | None) -> tuple[type, ModelConfig, dict]:
     return cls, cfg, out
 
 
-def to_device(weights_host: dict, specs: list[Weight], dtype, place: Callable) -> dict:
+def to_device(weights_host: dict, specs: list[Weight], dtype, place: Callable,
+              keep_half: bool = False) -> dict:
     by_name = {s.name: s for s in specs}
     out = {}
     for name, x in weights_host.items():
@@ -115,11 +116,13 @@ def to_device(weights_host: dict, specs: list[Weight], dtype, place: Callable) -
             out[name] = PackedWeight(x.qtype, x.shape[-1],
                                      {k: place(f"{name}.{k}", v) for k, v in fields.items()})
         else:
-            out[name] = place(name, np.asarray(x).astype(host_dtype(by_name[name], dtype)))
+            held = host_dtype(by_name[name], dtype, np.asarray(x).dtype, keep_half)
+            out[name] = place(name, np.asarray(x).astype(held))
     return out
 
 
-def load_quantized(path: str, specs: list[Weight], dtype, place: Callable, qtype: str) -> dict:
+def load_quantized(path: str, specs: list[Weight], dtype, place: Callable, qtype: str,
+                   keep_half: bool = False) -> dict:
     """load()'s path for `quant=`: the device weights."""
     _, _, host = host_weights(path, qtype)
     counts = {}
@@ -127,7 +130,7 @@ def load_quantized(path: str, specs: list[Weight], dtype, place: Callable, qtype
         if isinstance(x, quant.QuantTensor):
             counts[x.qtype] = counts.get(x.qtype, 0) + 1
     log.info("quantized weights: %s", ", ".join(f"{n} {q}" for q, n in counts.items()))
-    return to_device(host, specs, dtype, place)
+    return to_device(host, specs, dtype, place, keep_half)
 
 
 # ---------------------------------------------------------------------------------------------
