@@ -94,8 +94,8 @@ def test_default_model_run_holds_the_cache_one_prompt_needs(real_model):
     import re
 
     real_model("smollm2-135m")  # fetched beforehand, not inside the timed child
-    wrapper = ("import resource, runpy, sys\n"
-               "try:\n    runpy.run_module('vllm_jax.cli', run_name='__main__')\n"
+    wrapper = ("import resource, sys\nfrom vllm_jax.cli import main\n"
+               "try:\n    main()\n"
                "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
                " file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", wrapper, "--prompts", "Hi", "--max-tokens", "4"],
