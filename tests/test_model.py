@@ -190,3 +190,11 @@ def test_16_bit_checkpoints_stay_16_bit_on_the_cpu(model_dir, tmp_path, dtype):
     assert layer.input_layernorm.weight[...].dtype == "float32"
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     check_against_transformers(tmp_path, reference.eval(), max_tokens=8)
+
+
+def test_bf16_compute_keeps_an_f16_cache_on_the_cpu(model_dir):
+    """XLA's CPU scatters bf16 by converting the whole cache to float32 and back; auto picks
+    f16 there (an explicit bf16 cache is kept)."""
+    path, _ = model_dir("llama")
+    assert engine_for(path, dtype="bf16").runner.kv[0].dtype == np.float16
+    assert engine_for(path, dtype="bf16", kv_cache_dtype="bf16").runner.kv[0].dtype == "bfloat16"

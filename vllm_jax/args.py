@@ -46,8 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
                    help="compute dtype (auto: f32 on the CPU, bf16 on accelerators)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
-                   help="KV cache dtype (auto: the compute dtype; f16 halves a float32 cache's "
-                        "memory and reads, as llama.cpp's default cache does)")
+                   help="KV cache dtype (auto: the compute dtype, f16 for bf16 on the CPU; f16 "
+                        "halves a float32 cache's memory and reads, as llama.cpp's cache does)")
     p.add_argument("--quant", help="quantize safetensors weights in situ (q4_0, q4k, q8_0, ...)")
     p.add_argument("--kvmem", type=positive(), default=4096, metavar="MB",
                    help="KV cache limit in MB per device (default 4096); the cache holds "

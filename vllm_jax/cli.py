@@ -124,6 +124,10 @@ def main(argv=None):
             print(f"wrote {args.save_gguf}", file=sys.stderr)
         if not prompts:
             return 0
+        print("Sampling: " + ("greedy (--temperature to sample)" if params.temperature == 0 else
+                              f"temperature {params.temperature}, top_k {params.top_k}, "
+                              f"top_p {params.top_p}, min_p {params.min_p} (your flags)"),
+              file=sys.stderr)
         outs = run_prompts(engine, prompts, params, args.raw)
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
             print(f"===== [{i + 1}/{len(outs)}] {prompt}")
