@@ -9,6 +9,16 @@ from vllm_jax.runner.sampler import MAX_LOGPROBS
 
 
 @dataclass(slots=True)
+class StructuredOutputs:
+    """Constrains a request's output to a language (vLLM's names); set exactly one field."""
+    json: dict | str | None = None  # a JSON schema, as a dict or its JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+
+@dataclass(slots=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -29,6 +39,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: StructuredOutputs | None = None
     stop_strings: tuple = field(init=False, default=())
 
     def __post_init__(self):
