@@ -2,10 +2,57 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from vllm_jax.runner.sampler import MAX_LOGPROBS
+
+MAX_N = 16  # outputs per request
+INT32_MAX = 2**31 - 1  # the runner's per-row parameter arrays are int32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class ParamError(ValueError):
+    """A request parameter out of range; `param` names it (the OpenAI error body's field)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str):
+    if not ok:
+        raise ParamError(param, message)
+
+
+def _check_int(param: str, value, low: int, high: int = INT32_MAX, allowed: str = ""):
+    _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), param,
+           f"{param} must be an integer, got {value!r}")
+    _check(low <= value <= high, param,
+           f"{param} must be {allowed or f'in [{low}, {high}]'}, got {value}")
+
+
+def _check_float(param: str, value, interval: str, inside: Callable[[float], bool]):
+    """value: a number that float32 holds (finite) and inside(value)."""
+    _check(isinstance(value, numbers.Real) and not isinstance(value, bool), param,
+           f"{param} must be a number, got {value!r}")
+    _check(math.isfinite(value) and abs(value) <= FLOAT32_MAX, param,
+           f"{param} must be a finite number (float32), got {value}")
+    _check(inside(value), param, f"{param} must be in {interval}, got {value}")
+
+
+def check_text(param: str, text: str):
+    """Text must be encodable as UTF-8: a lone surrogate (JSON's "\\ud800") is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError(param, f"{param} is not valid text: {e.reason} at position "
+                                f"{e.start}") from None
 
 
 @dataclass(slots=True)
@@ -50,32 +97,39 @@ class SamplingParams:
         self.validate()
 
     def validate(self):
-        def check(ok, what):
-            if not ok:
-                raise ValueError(what)
-        check(self.n >= 1, f"n must be at least 1, got {self.n}")
-        check(self.temperature >= 0, f"temperature must be non-negative, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.top_k >= 0, f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
-        check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        check(-2 <= self.presence_penalty <= 2,
-              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        check(-2 <= self.frequency_penalty <= 2,
-              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        check(self.repetition_penalty > 0,
-              f"repetition_penalty must be greater than zero, got {self.repetition_penalty}")
-        check(self.max_tokens is None or self.max_tokens >= 1,
-              f"max_tokens must be at least 1, got {self.max_tokens}")
-        check(self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}")
-        check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-              f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
-              f"got {self.min_tokens}")
+        """The checks that need no model: types, ranges, finite floats, ints that fit int32."""
+        _check_int("n", self.n, 1, MAX_N)
+        _check_float("temperature", self.temperature, "[0, inf)", lambda v: v >= 0)
+        _check_float("top_p", self.top_p, "(0, 1]", lambda v: 0 < v <= 1)
+        _check_int("top_k", self.top_k, 0,
+                   allowed=f"-1 or 0 (off) or in [1, {INT32_MAX}]")
+        _check_float("min_p", self.min_p, "[0, 1]", lambda v: 0 <= v <= 1)
+        _check_float("presence_penalty", self.presence_penalty, "[-2, 2]", lambda v: -2 <= v <= 2)
+        _check_float("frequency_penalty", self.frequency_penalty, "[-2, 2]",
+                     lambda v: -2 <= v <= 2)
+        _check_float("repetition_penalty", self.repetition_penalty, "(0, inf)", lambda v: v > 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, -2**63, 2**64 - 1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens or INT32_MAX)
         for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            check(v is None or 0 <= v <= MAX_LOGPROBS,
-                  f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
-        check(all(isinstance(s, str) and s for s in self.stop_strings),
-              "stop must be a non-empty string or a list of non-empty strings")
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, MAX_LOGPROBS)
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids", token, 0)
+        _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop",
+               "stop must be a non-empty string or a list of non-empty strings")
+        for s in self.stop_strings:
+            check_text("stop", s)
+
+    def check_for_model(self, vocab_size: int):
+        """The checks against the model: every token id in the vocabulary, top_k within it."""
+        _check_int("top_k", self.top_k, 0, vocab_size,
+                   allowed=f"-1 or 0 (off) or in [1, {vocab_size}] (the vocabulary size)")
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids", token, 0, vocab_size - 1,
+                       allowed=f"a token id of the vocabulary (size {vocab_size})")
 
     @property
     def greedy(self) -> bool:

@@ -120,3 +120,11 @@ class BlockManager:
             if block.hash == -1:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block.setdefault(h, block.block_id)
+
+    def reset_prefix_cache(self):
+        """Forget every page's contents (the KV cache was lost); only when no sequence holds
+        a page."""
+        assert self.num_free == self.num_blocks
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = -1, ()

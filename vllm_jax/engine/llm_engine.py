@@ -1,4 +1,8 @@
-"""The engine loop: add_request / step / abort; detokenize and apply stop conditions."""
+"""The engine loop: add_request / step / abort; detokenize and apply stop conditions.
+
+A step that raises costs only the request to blame: the KV cache is rebuilt, every sequence
+recomputed, and the failed batch's sequences retried alone (Scheduler.restart); a sequence
+that fails alone ends its request with finish_reason "error"."""
 from __future__ import annotations
 
 import logging
@@ -20,7 +24,7 @@ from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
 from vllm_jax.runner.model_runner import (CompileClock, ModelRunner, enable_compilation_cache,
                                           kv_cache_bytes_per_page)
-from vllm_jax.sampling_params import SamplingParams, describe, model_defaults
+from vllm_jax.sampling_params import SamplingParams, check_text, describe, model_defaults
 from vllm_jax.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("vllm_jax")
@@ -129,16 +133,18 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
+            check_text("prompt", prompt)
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
         self.check_prompt(ids)
+        params.check_for_model(self.model_config.vocab_size)
         seqs, detoks = [], []
         for i in range(params.n):
             if params.seed is None:
                 seed = int(self.rng.integers(2**31))
-            else:
-                seed = (params.seed * 1_000_003 + i) % 2**32
+            else:  # all 64 bits of any seed, negative ones too, folded into the uint32 key
+                seed = int(np.random.SeedSequence([params.seed % 2**64, i]).generate_state(1)[0])
             seq = Sequence(ids, params, seed, request_id, i)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
@@ -187,7 +193,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        out = jax.device_get(self.runner.run(batch))
+        try:
+            out = jax.device_get(self.runner.run(batch))
+        except Exception as error:  # a bug, or a request that slipped past validation
+            return self._recover(batch, error)
         touched = {}
         now = time.monotonic()
         for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
@@ -205,6 +214,25 @@ class LLMEngine:
             req.first_token_time = req.first_token_time or now
             touched[req.request_id] = req
         return [self._output(r) for r in touched.values()]
+
+    def _recover(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
+        """After a failed step, nothing in the KV cache is trusted (it was donated to the step).
+        A sequence that failed alone is to blame: its request ends with the error."""
+        log.error("an engine step of %d sequences failed", len(batch.seqs), exc_info=error)
+        alone = len(batch.seqs) == 1
+        self.scheduler.restart([] if alone else batch.seqs)
+        self.block_manager.reset_prefix_cache()
+        self.runner.reset_kv()
+        if not alone:
+            return []
+        req = self.requests[batch.seqs[0].request_id]
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        out = self._output(req)
+        out.error = error
+        return [out]
 
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])

@@ -4,6 +4,10 @@ A step is either a prefill step (prompt chunks of up to `max_prefill_seqs` seque
 `max_num_batched_tokens` tokens, long prompts split across steps) or a decode step (one token
 for every running sequence). When a decode step runs out of pages, the most recently admitted
 sequences are preempted: their pages are freed and they are recomputed later.
+
+After a failed step (`restart`), every sequence is recomputed, and the failed batch's ones run
+alone, one at a time, until each has sampled a token: a request that breaks the step then
+fails by itself, and the others carry on.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class Scheduler:
         self.max_prefill_seqs = max_prefill_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.suspects: deque[Sequence] = deque()  # to run alone before anything else
         self.num_preemptions = 0
 
     def add(self, seq: Sequence):
@@ -43,7 +48,32 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
+        while self.suspects and self.suspects[0].status is not SequenceStatus.WAITING and (
+                not self.suspects[0].is_prefill):
+            self.suspects.popleft()  # it sampled a token alone, or it has finished
+        if self.suspects:
+            return self._schedule_alone(self.suspects[0])
         return self._schedule_prefill() or self._schedule_decode()
+
+    def restart(self, suspects: list[Sequence]):
+        """Recompute every running sequence; run `suspects` alone first, one at a time."""
+        for seq in reversed(list(self.running)):
+            self.preempt(seq)
+        self.suspects = deque(s for s in suspects if not s.is_finished)
+
+    def _schedule_alone(self, seq: Sequence) -> ScheduledBatch:
+        if seq.status is SequenceStatus.WAITING:
+            while not self.block_manager.can_allocate(seq) and self.running:
+                self.preempt(self.running[-1])
+            self.waiting.remove(seq)
+            self._admit(seq)
+        n = min(seq.num_tokens - seq.num_computed_tokens, self.max_num_batched_tokens)
+        return ScheduledBatch(False, [seq], [n])
+
+    def _admit(self, seq: Sequence):
+        self.block_manager.allocate(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_num_batched_tokens
@@ -64,10 +94,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._admit(self.waiting.popleft())
             take(seq)
         return ScheduledBatch(False, seqs, counts) if seqs else None
 

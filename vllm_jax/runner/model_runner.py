@@ -124,15 +124,21 @@ class ModelRunner:
         self.seq_buckets = buckets(max(max_num_seqs, 2), start=2)
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
         self.prefill_seq_buckets = buckets(max_prefill_seqs)
-        shape = kv_cache_shape(self.cfg, num_pages, page_size)
-        where = None if mesh is None else parallel.kv_cache_sharding(self.cfg, mesh)
-        self.kv = [jnp.zeros(shape, kv_dtype, device=where)  # K, V of layer 0, K, V of layer 1...
-                   for _ in range(2 * self.cfg.num_layers)]
+        self.kv_dtype, self.mesh = kv_dtype, mesh
+        self.reset_kv()
         if mesh is not None:
             parallel.log_device_bytes("KV cache", self.kv, mesh)
         self.num_compiles = 0
         self._step = parallel.under_mesh(
             jax.jit(self._step_impl, static_argnums=(4,), donate_argnums=(1,)), mesh)
+
+    def reset_kv(self):
+        """A zeroed KV cache (at start, and after a failed step: the old one was donated)."""
+        self.kv = None  # the old cache's memory goes before the new one is allocated
+        shape = kv_cache_shape(self.cfg, self.num_pages, self.page_size)
+        where = None if self.mesh is None else parallel.kv_cache_sharding(self.cfg, self.mesh)
+        self.kv = [jnp.zeros(shape, self.kv_dtype, device=where)  # K, V of layer 0, of layer 1...
+                   for _ in range(2 * self.cfg.num_layers)]
 
     def model(self, leaves=None) -> nnx.Module:
         """The model over `leaves` (default: the weights held here); usable inside a jit."""

@@ -1,7 +1,6 @@
 """The FastAPI app: routes, the error shape for every failure, health and metrics."""
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -12,11 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from vllm_jax.server import serving
+from vllm_jax.server.errors import InternalErrors
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest, error_body)
 from vllm_jax.server.serving import ServerState
-
-log = logging.getLogger("vllm_jax")
 
 
 class SSEResponse(StreamingResponse):
@@ -57,6 +55,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="vllm_jax", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(InternalErrors)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -74,11 +73,6 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
         return error_response(str(exc.detail), exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):
-        log.exception("error handling %s", request.url.path)
-        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
 
     @app.get("/health")
     async def health():

@@ -121,7 +121,7 @@ class EngineThread:
     def _step(self):
         try:
             outputs = self.engine.step()
-        except Exception as e:  # a bug: fail the requests in flight, keep serving
+        except Exception as e:  # a bug in the engine's own recovery: fail all, keep serving
             log.exception("engine step failed")
             for request_id, sink in list(self._sinks.items()):
                 self.engine.abort_request(request_id)
@@ -139,4 +139,4 @@ class EngineThread:
                 del self._sinks[out.request_id]
                 if self.metrics:
                     self.metrics.on_finish(out.request_id, out, now=now)
-            sink(out)
+            sink(out if out.error is None else out.error)

@@ -5,13 +5,11 @@ to the server; fields that would change the output but are not implemented are r
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_jax.sampling_params import SamplingParams
-
-MAX_N = 16
+from vllm_jax.sampling_params import ParamError, SamplingParams, check_text
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -30,6 +28,32 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_valid(cls, data):
+        """Every string of the body, keys and unknown fields too, must be valid Unicode: JSON
+        escapes can spell lone surrogates, which no tokenizer or encoder accepts."""
+        for path, text in _strings(data):
+            try:
+                check_text(path, text)
+            except ParamError as e:
+                raise APIError(str(e), param=path.split(".")[0]) from None
+        return data
+
+
+def _strings(value, path: str = ""):
+    """(dotted path, string) for every string in parsed JSON, dict keys included."""
+    if isinstance(value, str):
+        yield path or "body", value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{path}.{k}" if path else str(k)
+            yield from _strings(k, key)
+            yield from _strings(v, key)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}.{i}")
 
 
 class StreamOptions(OpenAIModel):
@@ -69,10 +93,14 @@ class SamplingRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    # SamplingParams field -> the request field it came from
+    PARAM_NAMES: ClassVar[dict] = {"prompt_logprobs": "logprobs"}
+
+    def api_error(self, e: ParamError) -> APIError:
+        return APIError(str(e), param=self.PARAM_NAMES.get(e.param, e.param))
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        if not 1 <= self.n <= MAX_N:
-            raise APIError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(f"best_of must equal n ({self.n}): only best_of == n is supported, "
                            f"got {self.best_of}", param="best_of")
@@ -99,8 +127,8 @@ class SamplingRequest(OpenAIModel):
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output)
-        except ValueError as e:
-            raise APIError(str(e), param=str(e).split(" ")[0]) from None
+        except ParamError as e:
+            raise self.api_error(e) from None
 
     @property
     def include_usage(self) -> bool:
@@ -112,6 +140,7 @@ class SamplingRequest(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    PARAM_NAMES: ClassVar[dict] = {"logprobs": "top_logprobs"}
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 from fastapi import Request
 
 from vllm_jax.engine.outputs import RequestOutput
+from vllm_jax.sampling_params import ParamError
 from vllm_jax.server import responses as fmt
 from vllm_jax.server.engine_thread import EngineThread
 from vllm_jax.server.metrics import Metrics
@@ -68,6 +69,16 @@ class ServerState:
                 f"{n + completion} tokens ({n} in the messages, {completion} in the completion). "
                 f"Please reduce the length of the messages or completion.", param=what)
         return completion
+
+    def check_params(self, req, params):
+        """The model-dependent checks of the engine's admission (SamplingParams.check_for_model),
+        done here so that a bad request gets its 400 before it reaches the engine thread."""
+        vocab = self.engine().model_config.vocab_size
+        for p in params:
+            try:
+                p.check_for_model(vocab)
+            except ParamError as e:
+                raise req.api_error(e) from None
 
 
 class RequestGroup:
@@ -183,6 +194,7 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
         else req.max_tokens
     params = req.sampling_params(state.check_prompt(ids, requested, "messages"), logprobs,
                                  state.engine().sampling_defaults)
+    state.check_params(req, [params])
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": req.model or state.model_name}
     group = RequestGroup(state.engine_thread, rid, [ids], [params])
@@ -279,6 +291,7 @@ async def completion(state: ServerState, req: CompletionRequest, raw: Request):
                                                      "prompt"),
                                   None if echo_only else req.logprobs, defaults, prompt_logprobs)
               for ids in prompt_ids]
+    state.check_params(req, params)
     rid = f"cmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "object": "text_completion", "created": int(time.time()),
             "model": req.model or state.model_name}

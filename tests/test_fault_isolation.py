@@ -1,0 +1,74 @@
+"""A failing engine step costs only the request that breaks it: the others finish with the tokens
+they would have had alone, and the engine keeps serving."""
+from __future__ import annotations
+
+import pytest
+
+from vllm_jax.config import EngineConfig
+from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+MARKER = 666  # the seed that marks the request the injected fault blames (greedy: unused)
+PROMPTS = ["The quick brown fox", "Hello world! How are you", "Once upon a time there",
+           "def f(x):\n    return"]
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    config = EngineConfig(model_path=str(model_dir("llama")[0]), dtype="f32", max_model_len=128,
+                          kvcache_mem_mb=4, max_num_seqs=8)
+    return LLMEngine(config)
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    return [engine.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def inject_fault(engine, monkeypatch, at_output_token: int, after_donation: bool):
+    """Steps that hold a marked sequence with at least `at_output_token` outputs raise; after
+    the KV cache went into the step and was lost, or before the step was dispatched."""
+    run = engine.runner.run
+    steps = []
+
+    def faulty_run(batch):
+        marked = any(s.params.seed == MARKER and s.num_output_tokens >= at_output_token
+                     for s in batch.seqs)
+        steps.append((len(batch.seqs), marked))
+        if not marked:
+            return run(batch)
+        if after_donation:
+            run(batch)
+            for buffer in engine.runner.kv:
+                buffer.delete()
+        raise InjectedFault("the marked request broke the step")
+
+    monkeypatch.setattr(engine.runner, "run", faulty_run)
+    return steps
+
+
+@pytest.mark.parametrize("at_output_token", [0, 3], ids=["in-prefill", "in-decode"])
+@pytest.mark.parametrize("after_donation", [False, True], ids=["before-dispatch", "cache-lost"])
+def test_only_the_request_that_breaks_a_step_fails(engine, alone, monkeypatch, at_output_token,
+                                                    after_donation):
+    steps = inject_fault(engine, monkeypatch, at_output_token, after_donation)
+    culprit = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, seed=MARKER)
+    prompts = PROMPTS[:2] + ["A request that breaks the step"] + PROMPTS[2:]
+    params = [GREEDY] * 2 + [culprit] + [GREEDY] * 2
+    outs = engine.generate(prompts, params)
+    bad = outs.pop(2)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert all(o.error is None and o.outputs[0].finish_reason == "length" for o in outs)
+    assert isinstance(bad.error, InjectedFault) and bad.outputs[0].finish_reason == "error"
+    assert (1, True) in steps and any(n > 1 and marked for n, marked in steps)
+    assert not engine.requests and not engine.scheduler.suspects
+    bm = engine.block_manager
+    assert bm.num_free == bm.num_blocks
+    monkeypatch.undo()
+    again = engine.generate(PROMPTS, GREEDY)  # the engine goes on serving, results unchanged
+    assert [o.outputs[0].token_ids for o in again] == alone
