@@ -5,6 +5,7 @@ to the server; fields that would change the output but are not implemented are r
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,18 +43,21 @@ class OpenAIModel(BaseModel):
         return data
 
 
-def _strings(value, path: str = ""):
-    """(dotted path, string) for every string in parsed JSON, dict keys included."""
-    if isinstance(value, str):
-        yield path or "body", value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            key = f"{path}.{k}" if path else str(k)
-            yield from _strings(k, key)
-            yield from _strings(v, key)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _strings(v, f"{path}.{i}")
+def _strings(data):
+    """(dotted path, string) for every string in parsed JSON, dict keys included; a loop, not
+    recursion, so that no nesting depth can overflow the stack."""
+    todo = deque([("", data)])
+    while todo:
+        path, value = todo.popleft()
+        if isinstance(value, str):
+            yield path or "body", value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                shown = str(k).encode("utf-8", "backslashreplace").decode()  # keys may be bad
+                key = f"{path}.{shown}" if path else shown
+                todo += [(key, k), (key, v)]
+        elif isinstance(value, list):
+            todo += [(f"{path}.{i}", v) for i, v in enumerate(value)]
 
 
 class StreamOptions(OpenAIModel):
