@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -54,14 +55,23 @@ def run_uvicorn(app):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def serving(engine, names: list[str]):
+    """An in-process server over a loaded engine: (ServerState, base url)."""
+    state = ServerState(lambda: engine, names, log_interval=0.05)
+    srv, thread, url = run_uvicorn(build_app(state))
+    try:
+        assert state.engine_thread.ready.wait(30)
+        yield state, url
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
 @pytest.fixture(scope="module")
 def server(llm, offline):
-    state = ServerState(lambda: llm.llm_engine, [MODEL, "other-name"], log_interval=0.05)
-    srv, thread, url = run_uvicorn(build_app(state))
-    assert state.engine_thread.ready.wait(30)
-    yield state, url
-    srv.should_exit = True
-    thread.join(30)
+    with serving(llm.llm_engine, [MODEL, "other-name"]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import httpx
 import pytest
 from openai import OpenAI
 from test_fault_isolation import MARKER, inject_fault
-from test_server import CHAT, MODEL, run_uvicorn
+from test_server import CHAT, MODEL, serving
 
 from vllm_jax import LLM
-from vllm_jax.server import build_app
-from vllm_jax.server.serving import ServerState
 
 STREAMS = [("chat", "Hello world! How are you today?"), ("chat", "Tell me about the fox"),
            ("completions", "Once upon a time there was"), ("completions", "def f(x):\n    return")]
@@ -24,12 +22,8 @@ MAX_TOKENS = 16
 def server(model_dir):
     llm = LLM(model=str(model_dir("llama")[0]), dtype="f32", max_model_len=256,
               kvcache_mem_mb=16, max_num_seqs=8)
-    state = ServerState(lambda: llm.llm_engine, [MODEL], log_interval=60)
-    srv, thread, url = run_uvicorn(build_app(state))
-    assert state.engine_thread.ready.wait(30)
-    yield state, url
-    srv.should_exit = True
-    thread.join(30)
+    with serving(llm.llm_engine, [MODEL]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ class EngineThread:
             _, request_id, prompt_ids, params, sink, arrival = cmd
             try:
                 self.engine.add_request(prompt_ids, params, request_id)
-            except ValueError as e:
+            except Exception as e:  # refused (ValueError) or a bug: this request's answer
                 sink(e)
                 return
             self._sinks[request_id] = sink

@@ -57,7 +57,8 @@ def _strings(data):
                 key = f"{path}.{shown}" if path else shown
                 todo += [(key, k), (key, v)]
         elif isinstance(value, list):
-            todo += [(f"{path}.{i}", v) for i, v in enumerate(value)]
+            todo += [(f"{path}.{i}", v) for i, v in enumerate(value)
+                     if isinstance(v, (str, dict, list))]  # token id lists go by fast
 
 
 class StreamOptions(OpenAIModel):

@@ -53,21 +53,20 @@ class ServerState:
             raise APIError(f"The model `{model}` does not exist.", 404, "model")
 
     def check_prompt(self, ids: list[int], requested: int | None, what: str) -> int:
-        """Validate the prompt ids; the completion budget (max_tokens) for this prompt."""
+        """The engine's prompt checks (LLMEngine.check_prompt) with the completion asked for;
+        returns the completion budget (max_tokens) for this prompt."""
         engine = self.engine()
-        if not ids:
-            raise APIError(f"the {what} cannot be empty", param=what)
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(f"token id {bad} is out of vocabulary (size {vocab})", param=what)
         limit, n = engine.max_model_len, len(ids)
         completion = requested if requested is not None else max(limit - n, 1)
-        if completion >= 1 and n + completion > limit:
+        if ids and completion >= 1 and n + completion > limit:
             raise APIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + completion} tokens ({n} in the messages, {completion} in the completion). "
                 f"Please reduce the length of the messages or completion.", param=what)
+        try:
+            engine.check_prompt(ids)
+        except ValueError as e:
+            raise APIError(str(e), param=what) from None
         return completion
 
     def check_params(self, req, params):
