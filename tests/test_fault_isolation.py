@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from vllm_jax.config import EngineConfig
+from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.engine.scheduler import Scheduler
+from vllm_jax.engine.sequence import Sequence
 from vllm_jax.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -72,3 +75,30 @@ def test_only_the_request_that_breaks_a_step_fails(engine, alone, monkeypatch, a
     monkeypatch.undo()
     again = engine.generate(PROMPTS, GREEDY)  # the engine goes on serving, results unchanged
     assert [o.outputs[0].token_ids for o in again] == alone
+
+
+def test_after_a_restart_each_suspect_runs_alone_until_it_sampled_then_all_batch_again():
+    scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=8)
+    seqs = [Sequence(list(range(1, n + 1)), GREEDY, seed=0) for n in (6, 10, 13)]
+
+    def run(batch):  # what the engine does with a step's result
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(5)
+
+    for seq in seqs:
+        scheduler.add(seq)
+    run(scheduler.schedule())  # a prefill step: the 8-token budget covers a prompt and a piece
+    scheduler.restart(seqs)
+    assert not scheduler.running and list(scheduler.waiting) == seqs
+    assert scheduler.block_manager.num_free == 32
+    alone = []
+    for _ in range(5):
+        batch = scheduler.schedule()
+        assert len(batch.seqs) == 1 and not batch.decode and batch.num_tokens <= 8
+        alone.append(batch.seqs[0])
+        run(batch)
+    assert alone == [seqs[0], seqs[1], seqs[1], seqs[2], seqs[2]]  # prompts in 8-token chunks
+    batch = scheduler.schedule()
+    assert batch.decode and batch.seqs == seqs
