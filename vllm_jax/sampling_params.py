@@ -37,13 +37,13 @@ def _check_int(param: str, value, low: int, high: int = INT32_MAX, allowed: str 
            f"{param} must be {allowed or f'in [{low}, {high}]'}, got {value}")
 
 
-def _check_float(param: str, value, interval: str, inside: Callable[[float], bool]):
+def _check_float(param: str, value, allowed: str, inside: Callable[[float], bool]):
     """value: a number that float32 holds (finite) and inside(value)."""
     _check(isinstance(value, numbers.Real) and not isinstance(value, bool), param,
            f"{param} must be a number, got {value!r}")
     _check(math.isfinite(value) and abs(value) <= FLOAT32_MAX, param,
            f"{param} must be a finite number (float32), got {value}")
-    _check(inside(value), param, f"{param} must be in {interval}, got {value}")
+    _check(inside(value), param, f"{param} must be {allowed}, got {value}")
 
 
 def check_text(param: str, text: str):
@@ -99,15 +99,17 @@ class SamplingParams:
     def validate(self):
         """The checks that need no model: types, ranges, finite floats, ints that fit int32."""
         _check_int("n", self.n, 1, MAX_N)
-        _check_float("temperature", self.temperature, "[0, inf)", lambda v: v >= 0)
-        _check_float("top_p", self.top_p, "(0, 1]", lambda v: 0 < v <= 1)
+        _check_float("temperature", self.temperature, "non-negative", lambda v: v >= 0)
+        _check_float("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         _check_int("top_k", self.top_k, 0,
                    allowed=f"-1 or 0 (off) or in [1, {INT32_MAX}]")
-        _check_float("min_p", self.min_p, "[0, 1]", lambda v: 0 <= v <= 1)
-        _check_float("presence_penalty", self.presence_penalty, "[-2, 2]", lambda v: -2 <= v <= 2)
-        _check_float("frequency_penalty", self.frequency_penalty, "[-2, 2]",
+        _check_float("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_float("presence_penalty", self.presence_penalty, "in [-2, 2]",
                      lambda v: -2 <= v <= 2)
-        _check_float("repetition_penalty", self.repetition_penalty, "(0, inf)", lambda v: v > 0)
+        _check_float("frequency_penalty", self.frequency_penalty, "in [-2, 2]",
+                     lambda v: -2 <= v <= 2)
+        _check_float("repetition_penalty", self.repetition_penalty, "greater than zero",
+                     lambda v: v > 0)
         if self.seed is not None:
             _check_int("seed", self.seed, -2**63, 2**64 - 1)
         if self.max_tokens is not None:
