@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from vllm_jax import LLM, PoolingParams
 from vllm_jax.server import build_app
+from vllm_jax.server.protocol import MAX_EMBEDDING_INPUTS
 from vllm_jax.server.serving import ServerState
 
 MODEL = "tiny"
@@ -165,6 +166,7 @@ def test_base64_decodes_to_the_float_embedding(client):
     ({"input": [[1, 2], [-1]]}, 400, "input"),
     ({"input": [1] * (MAX_MODEL_LEN + 1)}, 400, "input"),
     ({"input": ["\ud800 lone surrogate"]}, 400, "input"),
+    ({"input": ["x"] * (MAX_EMBEDDING_INPUTS + 1)}, 400, "input"),
     ({"input": 5}, 400, "input"),
     ({"input": [1, "mixed"]}, 400, "input"),
     ({}, 400, "input"),
