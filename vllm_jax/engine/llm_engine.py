@@ -18,8 +18,10 @@ from vllm_jax.engine.sequence import Sequence
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
+from vllm_jax.pooling_params import PoolingParams, check_embedding_prompt
 from vllm_jax.runner.model_runner import (CompileClock, ModelRunner, enable_compilation_cache,
                                           kv_cache_bytes_per_page)
+from vllm_jax.runner.pooler import Pooler, l2_normalize
 from vllm_jax.sampling_params import SamplingParams, describe, model_defaults
 from vllm_jax.tokenizer import IncrementalDetokenizer
 
@@ -84,6 +86,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
                                   self.max_model_len, config.max_num_seqs, max_tokens,
                                   max_prefill_seqs, kv_dtype, mesh=self.mesh)
+        self.pooler = Pooler(self.runner, config.pooling, self.max_model_len, max_tokens,
+                             mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)
@@ -181,6 +185,26 @@ class LLMEngine:
 
     def warmup(self) -> int:
         return self.runner.warmup()
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def embedding_batches(self, prompts: list[list[int]],
+                          params: PoolingParams | None = None) -> list[list[int]]:
+        """Validate prompts and parameters for embedding (ValueError); the prompts' indices
+        grouped into the device batches `embed` runs them in."""
+        (params or PoolingParams()).verify(self.model_config.hidden_size)
+        for ids in prompts:
+            check_embedding_prompt(ids, self.max_model_len, self.model_config.vocab_size)
+        return self.pooler.batches([len(ids) for ids in prompts])
+
+    def embed(self, prompts: list[list[int]],
+              params: PoolingParams | None = None) -> np.ndarray:
+        """Pooled final hidden states, float32 [len(prompts), hidden], in input order. Runs
+        at once, beside (not through) the scheduler: call it between steps."""
+        params = params or PoolingParams()
+        out = np.zeros((len(prompts), self.model_config.hidden_size), np.float32)
+        for group in self.embedding_batches(prompts, params):
+            out[group] = self.pooler.run([prompts[i] for i in group])
+        return l2_normalize(out) if params.normalize else out
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

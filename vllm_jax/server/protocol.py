@@ -9,9 +9,11 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vllm_jax.pooling_params import PoolingParams
 from vllm_jax.sampling_params import SamplingParams
 
 MAX_N = 16
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an embeddings input array
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -181,3 +183,32 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    add_special_tokens: bool = True  # vLLM's
+    normalize: bool = True  # vLLM's: L2-normalize the pooled vector
+
+    def input_list(self) -> list[str | list[int]]:
+        """One entry per embedding: a string or a token id list."""
+        single = isinstance(self.input, str) or (self.input and isinstance(self.input[0], int))
+        items = [self.input] if single else list(self.input)
+        if not items:
+            raise APIError("input cannot be an empty list", param="input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise APIError(f"input has {len(items)} entries; at most {MAX_EMBEDDING_INPUTS} are "
+                           f"allowed", param="input")
+        return items
+
+    def pooling_params(self, hidden_size: int) -> PoolingParams:
+        params = PoolingParams(normalize=self.normalize, dimensions=self.dimensions)
+        try:
+            params.verify(hidden_size)
+        except ValueError as e:
+            raise APIError(str(e), param="dimensions") from None
+        return params
