@@ -5,6 +5,7 @@ to the server; fields that would change the output but are not implemented are r
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +42,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls: {id, type, function}
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class SamplingRequest(OpenAIModel):
@@ -121,6 +124,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict] | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
 
     def engine_logprobs(self) -> int | None:
@@ -138,6 +143,8 @@ class ChatCompletionRequest(SamplingRequest):
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 d["content"] = "".join(_text_part(p) for p in m.content)
+            if m.tool_calls:
+                d["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
             out.append(d)
         return out
 
@@ -147,6 +154,21 @@ def _text_part(part: dict) -> str:
         raise APIError(f"only text content parts are supported, got {part.get('type')!r}",
                        param="messages")
     return part["text"]
+
+
+def _call_for_template(call: dict) -> dict:
+    """Templates read a call's arguments as a mapping; OpenAI clients send them as JSON text."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError("each entry of tool_calls needs function.name", param="messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise APIError(f"tool call arguments are not JSON: {arguments[:80]!r}",
+                           param="messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class CompletionRequest(SamplingRequest):
