@@ -12,11 +12,15 @@ import llguidance.numpy as llg_np
 import numpy as np
 import pytest
 import torch
+from openai import BadRequestError, OpenAI
+from test_server import CHAT, run_uvicorn
 
 from vllm_jax import LLM, SamplingParams
 from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.runner.sampler import apply_bitmask
 from vllm_jax.sampling_params import StructuredOutputs
+from vllm_jax.server import build_app
+from vllm_jax.server.serving import ServerState
 
 # llguidance's own schema keyword: no free whitespace, which a random model would emit for ever
 COMPACT = {"x-guidance": {"whitespace_flexible": False}}
@@ -166,3 +170,71 @@ def test_preempted_sequences_keep_their_matcher_in_step(tiny):
     assert small.llm_engine.scheduler.num_preemptions > 0
     for o in outs:
         jsonschema.validate(json.loads(o.outputs[0].text), PERSON)
+
+
+# -- the server (last: from here on the engine thread owns `llm`'s engine) -------------------------
+
+@pytest.fixture(scope="module")
+def client(llm):
+    state = ServerState(lambda: llm.llm_engine, ["tiny"])
+    srv, thread, url = run_uvicorn(build_app(state))
+    assert state.engine_thread.ready.wait(30)
+    yield OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    srv.should_exit = True
+    thread.join(10)
+    state.engine_thread.stop()
+
+
+def json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                   "strict": True}}
+
+
+def test_chat_response_format_json_schema_validates_every_choice(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, n=3, seed=1, temperature=1.0, max_tokens=80,
+        response_format=json_schema_format(PERSON))
+    assert len(r.choices) == 3
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+
+
+def test_streamed_chat_response_format_json_schema_validates_every_choice(client):
+    texts = {}
+    for chunk in client.chat.completions.create(
+            model="tiny", messages=CHAT, n=2, seed=2, temperature=1.0, max_tokens=80,
+            stream=True, response_format=json_schema_format(ITEM)):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert sorted(texts) == [0, 1]
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), ITEM)
+
+
+def test_completions_take_structured_outputs_and_the_guided_fields(client):
+    pattern = r"[0-9]{3}-(ab|cd)"
+    r = client.completions.create(model="tiny", prompt="Hello", n=2, seed=3, max_tokens=20,
+                                  extra_body={"structured_outputs": {"regex": pattern}})
+    assert all(re.fullmatch(pattern, c.text) for c in r.choices)
+    stream = client.completions.create(model="tiny", prompt="Hello", seed=3, max_tokens=20,
+                                       stream=True, extra_body={"guided_choice": ["up", "down"]})
+    assert "".join(c.choices[0].text for c in stream if c.choices) in ("up", "down")
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=80, seed=4,
+                                  extra_body={"response_format": json_schema_format(PERSON)})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": json_schema_format({"type": "wrong"})}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a("}}, "structured_outputs"),
+    ({"structured_outputs": {"pattern": "a"}}, "structured_outputs"),
+    ({"guided_grammar": "start: missing"}, "guided_grammar"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+])
+def test_invalid_constraints_are_a_400_naming_the_field(client, body, param):
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4,
+                                       extra_body=body)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
