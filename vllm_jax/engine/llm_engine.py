@@ -15,6 +15,7 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
@@ -87,6 +88,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)
+        self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
@@ -133,13 +135,16 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self.check_prompt(ids)
+        so = params.structured_outputs
+        matchers = self.structured.matchers(so, params.n) if so else [None] * params.n
         seqs, detoks = [], []
-        for i in range(params.n):
+        for i, matcher in enumerate(matchers):
             if params.seed is None:
                 seed = int(self.rng.integers(2**31))
             else:
                 seed = (params.seed * 1_000_003 + i) % 2**32
             seq = Sequence(ids, params, seed, request_id, i)
+            seq.matcher = matcher
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         req = Request(request_id, text, ids, params, seqs, detoks, [""] * params.n)
@@ -187,7 +192,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        out = jax.device_get(self.runner.run(batch))
+        out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
         touched = {}
         now = time.monotonic()
         for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
@@ -206,9 +211,16 @@ class LLMEngine:
             touched[req.request_id] = req
         return [self._output(r) for r in touched.values()]
 
+    def _bitmask(self, batch: ScheduledBatch):
+        """The allowed tokens of the rows that sample this step (None: no row constrained)."""
+        return self.structured.bitmask([
+            seq.matcher if seq.num_computed_tokens + n >= seq.num_tokens else None
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])
         seq.token_ids.append(token)
+        grammar_done = seq.matcher is not None and self.structured.advance(seq, token)
         self.num_generated_tokens += 1
         params = seq.params
         if "logprob" in out:
@@ -236,6 +248,8 @@ class LLMEngine:
                     idx, s = hit
                     text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
                     reason, stop = "stop", s
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
