@@ -185,3 +185,199 @@ TEMPLATES = {
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_the_parser_is_picked_from_the_markers_in_the_chat_template(name):
     assert parser_for_template(TEMPLATES[name]) == name
+
+
+# -- over loopback ---------------------------------------------------------------------------------
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools: {% for tool in tools %}{{ tool.function.name }} "
+    "{% endfor %}as <tool_call>{..}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "enum": ["Paris", "Tokyo"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}
+CLOCK = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+         "required": ["zone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_model(model_dir, tmp_path_factory):
+    """The tiny llama with a Hermes-style tool template in its tokenizer_config.json."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tool_model") / "llama"
+    shutil.copytree(model_dir("llama")[0], path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = TOOL_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model):
+    from openai import OpenAI
+    from test_server import run_uvicorn
+
+    from vllm_jax import LLM
+    from vllm_jax.server import build_app
+    from vllm_jax.server.serving import ServerState
+
+    llm = LLM(model=str(tool_model), dtype="f32", max_model_len=512, kvcache_mem_mb=16,
+              max_num_seqs=4)
+    state = ServerState(lambda: llm.llm_engine, ["tiny"])
+    srv, thread, url = run_uvicorn(build_app(state))
+    assert state.engine_thread.ready.wait(30)
+    yield url, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    srv.should_exit = True
+    thread.join(30)
+
+
+def assert_valid_calls(calls, names=None):
+    import jsonschema
+
+    assert calls
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        name = call["function"]["name"]
+        assert name in (names or SCHEMAS)
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[name])
+
+
+def stream_message(chunks) -> tuple[dict, str]:
+    """The assistant message and finish reason a client assembles from streamed chunks."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            delta = choice.delta
+            content += delta.content or ""
+            for c in delta.tool_calls or []:
+                entry = calls.setdefault(c.index, {"id": c.id, "type": c.type,
+                                                   "function": {"name": c.function.name,
+                                                                "arguments": ""}})
+                entry["function"]["arguments"] += c.function.arguments or ""
+            finish = choice.finish_reason or finish
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return message, finish
+
+
+def ask(client, messages, stream: bool, **kw) -> tuple[dict, str]:
+    kw = dict(model="tiny", messages=messages, tools=TOOLS, temperature=0,
+              max_tokens=kw.pop("max_tokens", 100), **kw)
+    if stream:
+        return stream_message(client.chat.completions.create(stream=True, **kw))
+    choice = client.chat.completions.create(**kw).choices[0]
+    return choice.message.model_dump(exclude_none=True), choice.finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_two_turn_tool_loop_with_required_tool_choice(tool_server, stream):
+    """parallel_tool_calls=False bounds the array: a random model would add calls until
+    max_tokens."""
+    client = tool_server[1]
+    message, finish = ask(client, ASK, stream, tool_choice="required", parallel_tool_calls=False)
+    assert finish == "tool_calls", message
+    assert len(message["tool_calls"]) == 1
+    assert_valid_calls(message["tool_calls"])
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": json.dumps({"temp_c": 21})}
+               for c in message["tool_calls"]]
+    answer, finish = ask(client, ASK + [message] + results, stream, max_tokens=8)
+    assert finish in ("length", "stop") and "tool_calls" not in answer
+    assert isinstance(answer["content"], str) and answer["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_named_tool_choice_calls_that_function(tool_server, stream):
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    message, finish = ask(tool_server[1], ASK, stream, tool_choice=choice)
+    assert finish == "tool_calls" and len(message["tool_calls"]) == 1
+    assert_valid_calls(message["tool_calls"], names=["get_time"])
+
+
+HERMES_CALL = (r'Sure\. <tool_call>\{"name": "get_weather", "arguments": '
+               r'\{"city": "(Paris|Tokyo)", "days": [1-7]\}\}</tool_call>')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_auto_reads_calls_in_the_format_the_chat_template_shows(tool_server, stream):
+    """The model is held to a Hermes call by a regex; `auto` must find the call in its text."""
+    message, finish = ask(tool_server[1], ASK, stream,
+                          extra_body={"structured_outputs": {"regex": HERMES_CALL}})
+    assert finish == "tool_calls" and message["content"] == "Sure."
+    assert_valid_calls(message["tool_calls"], names=["get_weather"])
+
+
+def test_tool_messages_render_through_the_template_as_transformers_does(tool_server, tool_model):
+    from transformers import AutoTokenizer
+
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    import httpx
+
+    r = httpx.post(tool_server[0] + "/tokenize", json={"model": "tiny", "messages": messages})
+    assert r.status_code == 200, r.text
+    ref = AutoTokenizer.from_pretrained(tool_model)
+    as_mapping = {**call, "function": {**call["function"], "arguments": {"city": "Paris",
+                                                                          "days": 2}}}
+    ref_messages = ASK + [{"role": "assistant", "tool_calls": [as_mapping]}, messages[2]]
+    text = ref.apply_chat_template(ref_messages, tokenize=False, add_generation_prompt=True)
+    assert r.json()["tokens"] == ref.encode(text, add_special_tokens=False)
+
+
+BAD_REQUESTS = [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "tool_choice"),
+    ({"messages": ASK + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_REQUESTS)
+def test_bad_tool_fields_are_a_400_naming_the_field(tool_server, body, param):
+    import httpx
+
+    r = httpx.post(tool_server[0] + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": ASK, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_auto_without_a_known_format_is_refused():
+    from types import SimpleNamespace
+
+    from vllm_jax.server.protocol import APIError, ChatCompletionRequest
+    from vllm_jax.server.tool_calls import tool_use
+
+    tok = SimpleNamespace(chat_templates={"default": TEMPLATES[None]})
+    req = ChatCompletionRequest(messages=ASK, tools=TOOLS)
+    with pytest.raises(APIError) as e:
+        tool_use(req, tok, None)
+    assert e.value.param == "tool_choice" and "--tool-call-parser" in e.value.message
+    assert tool_use(req, SimpleNamespace(chat_templates={}, token_to_id=lambda t: None,
+                                         special_token_ids=set()), "hermes").make_parser

@@ -16,6 +16,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from vllm_jax.engine import structured
 from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 from vllm_jax.server.protocol import APIError, ChatCompletionRequest
 from vllm_jax.server.tool_parsers import (PARSERS, Event, JsonArrayParser, NamedFunctionParser,
@@ -53,6 +54,10 @@ class ToolUse:
                                "with response_format or another output constraint",
                                param="tool_choice")
             params.structured_outputs = StructuredOutputs(json=self.schema)
+            try:
+                structured.validate(params.structured_outputs)
+            except ValueError as e:
+                raise APIError(f"the tools' parameters schemas: {e}", param="tools") from None
         if self.keep_special_tokens:
             params.skip_special_tokens = False
 
@@ -143,7 +148,7 @@ def tool_use(req: ChatCompletionRequest, tokenizer, parser_name: str | None) -> 
         schema = _required_schema(tools, max_calls)
         return ToolUse(JsonArrayParser, schema, max_calls=max_calls)
     function = _named_function(choice, tools)
-    return ToolUse(lambda: NamedFunctionParser(function.name), _parameters(function))
+    return ToolUse(lambda: NamedFunctionParser(function.name), _compact(_parameters(function)))
 
 
 def _tool_definitions(tools: list) -> list[FunctionDefinition]:
@@ -193,13 +198,20 @@ def _parameters(function: FunctionDefinition) -> dict:
     return function.parameters or {"type": "object", "properties": {}}
 
 
+def _compact(schema: dict) -> dict:
+    """The schema with llguidance told to allow no whitespace between JSON tokens: a small
+    model could otherwise spend its whole budget on it."""
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}
+
+
 def _required_schema(tools: list[FunctionDefinition], max_calls: int | None) -> dict:
     """An array of calls, each the name of one tool and arguments valid for that tool."""
     calls = [{"type": "object",
               "properties": {"name": {"const": t.name},
                              "parameters": _parameters(t)},
-              "required": ["name", "parameters"]} for t in tools]
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for t in tools]
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if max_calls is not None:
         schema["maxItems"] = max_calls
-    return schema
+    return _compact(schema)
