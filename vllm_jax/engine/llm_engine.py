@@ -232,9 +232,6 @@ class LLMEngine:
                 seq.output_logprobs.append((lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
-        if params.detokenize:
-            detok.add(token)
-        text = detok.text
         reason = stop = None
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
@@ -242,12 +239,16 @@ class LLMEngine:
                 reason = "stop"
             elif token in params.stop_token_ids:
                 reason, stop = "stop", token
-            elif params.stop_strings:
-                hit = _find_stop(text, before, params.stop_strings)
-                if hit is not None:
-                    idx, s = hit
-                    text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
-                    reason, stop = "stop", s
+        # vLLM leaves a stopping token's text out (it may be a special token kept in the text)
+        if params.detokenize and (reason is None or params.include_stop_str_in_output):
+            detok.add(token)
+        text = detok.text
+        if reason is None and n_out >= params.min_tokens and params.stop_strings:
+            hit = _find_stop(text, before, params.stop_strings)
+            if hit is not None:
+                idx, s = hit
+                text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
+                reason, stop = "stop", s
         if reason is None and grammar_done:
             reason = "stop"
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
