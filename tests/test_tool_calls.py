@@ -193,7 +193,8 @@ TOOL_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nTools: {% for tool in tools %}{{ tool.function.name }} "
     "{% endfor %}as <tool_call>{..}</tool_call><|im_end|>\n{% endif %}"
     "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- if message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant\n' + message['content'] }}"
     "{%- for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
     "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
     "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
@@ -309,6 +310,28 @@ def test_named_tool_choice_calls_that_function(tool_server, stream):
     assert_valid_calls(message["tool_calls"], names=["get_time"])
 
 
+OPEN = {"type": "object", "properties": {
+    "city": {"type": "string", "enum": ["Paris", "Tokyo"]},
+    "when": {"type": "object", "properties": {"day": {"type": "integer", "minimum": 1,
+                                                      "maximum": 7}}, "required": ["day"]}},
+    "required": ["city", "when"]}
+CLOSED = {**OPEN, "additionalProperties": False, "properties": {
+    **OPEN["properties"], "when": {**OPEN["properties"]["when"], "additionalProperties": False}}}
+
+
+def test_constrained_arguments_hold_only_the_listed_properties(tool_server):
+    """Objects that list their properties but do not say whether others may follow are held
+    to those (OpenAI's strict mode): a small model invents keys until max_tokens otherwise."""
+    import jsonschema
+
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": OPEN}}]
+    r = tool_server[1].chat.completions.create(
+        model="tiny", messages=ASK, tools=tools, max_tokens=100, temperature=1.0, seed=3,
+        tool_choice={"type": "function", "function": {"name": "plan"}})
+    jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments),
+                        CLOSED)
+
+
 HERMES_CALL = (r'Sure\. <tool_call>\{"name": "get_weather", "arguments": '
                r'\{"city": "(Paris|Tokyo)", "days": [1-7]\}\}</tool_call>')
 
@@ -336,7 +359,8 @@ def test_tool_messages_render_through_the_template_as_transformers_does(tool_ser
     ref = AutoTokenizer.from_pretrained(tool_model)
     as_mapping = {**call, "function": {**call["function"], "arguments": {"city": "Paris",
                                                                           "days": 2}}}
-    ref_messages = ASK + [{"role": "assistant", "tool_calls": [as_mapping]}, messages[2]]
+    ref_messages = ASK + [{"role": "assistant", "content": "", "tool_calls": [as_mapping]},
+                          messages[2]]
     text = ref.apply_chat_template(ref_messages, tokenize=False, add_generation_prompt=True)
     assert r.json()["tokens"] == ref.encode(text, add_special_tokens=False)
 

@@ -177,6 +177,8 @@ class ChatCompletionRequest(SamplingRequest):
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 d["content"] = "".join(_text_part(p) for p in m.content)
+            elif m.content is None:  # an assistant's calls: templates add content up (vLLM: "")
+                d["content"] = ""
             if m.tool_calls:
                 d["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
             out.append(d)

@@ -199,9 +199,33 @@ def _parameters(function: FunctionDefinition) -> dict:
 
 
 def _compact(schema: dict) -> dict:
-    """The schema with llguidance told to allow no whitespace between JSON tokens: a small
-    model could otherwise spend its whole budget on it."""
-    return {**schema, "x-guidance": {"whitespace_flexible": False}}
+    """The schema as the output is held to it: no whitespace between JSON tokens and, where an
+    object lists its properties without saying whether others may follow, no others (OpenAI's
+    strict mode). Outputs still validate against the tool's schema; a small model could
+    otherwise spend its whole budget on whitespace or on keys it invents."""
+    return {**_closed(schema), "x-guidance": {"whitespace_flexible": False}}
+
+
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+LEFT_AS_IS = ("enum", "const", "default", "examples", "allOf")  # allOf: parts add up, not close
+
+
+def _closed(schema):
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in LEFT_AS_IS:
+            out[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _closed(s) for name, s in value.items()}
+        else:
+            out[key] = _closed(value)
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _required_schema(tools: list[FunctionDefinition], max_calls: int | None) -> dict:
