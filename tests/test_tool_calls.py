@@ -405,3 +405,48 @@ def test_auto_without_a_known_format_is_refused():
     assert e.value.param == "tool_choice" and "--tool-call-parser" in e.value.message
     assert tool_use(req, SimpleNamespace(chat_templates={}, token_to_id=lambda t: None,
                                          special_token_ids=set()), "hermes").make_parser
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_choice_none_leaves_a_call_in_the_text_unparsed(tool_server, stream):
+    message, finish = ask(tool_server[1], ASK, stream, tool_choice="none",
+                          extra_body={"structured_outputs": {"regex": HERMES_CALL}})
+    assert finish == "stop" and "tool_calls" not in message
+    assert message["content"].startswith("Sure. <tool_call>{")
+
+
+def test_formats_marked_by_special_tokens_keep_them_in_the_decoded_text(tool_model, tmp_path):
+    """Mistral's [TOOL_CALLS] is a special token: decoding must keep it for the parser."""
+    import shutil
+
+    from vllm_jax.server.protocol import ChatCompletionRequest
+    from vllm_jax.server.tool_calls import tool_use
+    from vllm_jax.tokenizer import Tokenizer
+
+    shutil.copytree(tool_model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = ["[TOOL_CALLS]", "[ARGS]"]
+    config["chat_template"] = TEMPLATES["mistral"] + "{% endfor %}]{% endif %}"
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path / "m")
+    use = tool_use(ChatCompletionRequest(messages=ASK, tools=TOOLS), tok, None)
+    assert use.keep_special_tokens
+    ids = tok.encode(mistral_v11(CALLS), add_special_tokens=False)
+    message, _ = use.message(tok.decode(ids, skip_special_tokens=False), "stop")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in message["tool_calls"]] == CALLS
+    assert not tool_use(ChatCompletionRequest(messages=ASK, tools=TOOLS), tok,
+                        "hermes").keep_special_tokens
+
+
+def test_tool_call_parser_flag_takes_the_known_format_names():
+    import argparse
+
+    from vllm_jax.server import add_server_args
+
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    assert parser.parse_args(["--tool-call-parser", "mistral"]).tool_call_parser == "mistral"
+    assert parser.parse_args([]).tool_call_parser is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tool-call-parser", "nonesuch"])
