@@ -17,8 +17,8 @@ BEFORE = "Let me look that up.\n\n"
 
 
 def hermes(calls, before=BEFORE):
-    return before + "".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>\n"
-                            for n, a in calls)
+    calls = [json.dumps({"name": n, "arguments": a}) for n, a in calls]
+    return before + "".join(f"<tool_call>\n{call}\n</tool_call>\n" for call in calls)
 
 
 def llama(calls, before=""):
@@ -117,8 +117,8 @@ def test_a_streamed_call_starts_with_id_type_and_name_then_sends_only_arguments(
 
 
 MALFORMED = {
-    "hermes": ["<tool_call>not json</tool_call> and more", "a <tool_call", "<tool_call>{}</tool_call>",
-               "x <tool_call>[1, 2]</tool_call>"],
+    "hermes": ["<tool_call>not json</tool_call> and more", "a <tool_call",
+               "<tool_call>{}</tool_call>", "x <tool_call>[1, 2]</tool_call>"],
     "llama3_json": ['{"city": "Paris"}', "Plain answer.", '<|python_tag|>{"name": 7}', "  {"],
     "mistral": ["[TOOL_CALLS] not a call", "[TOOL_CALLS]", "[TOOL_CALLS][1, 2]",
                 "[TOOL_CALLS]get weather[ARGS]{}"],
@@ -135,8 +135,9 @@ def test_output_that_is_not_a_call_stays_content_whole_and_streamed(name):
             assert streamed(use, text, [cut])[0] == message, (text, cut)
 
 
-@pytest.mark.parametrize("text", ['Hi <tool_call>{"name": "f", "arguments": {"a": [1, }}</tool_call>',
-                                  '<tool_call>{"name": "f", "arguments": {"a": 1}'])
+@pytest.mark.parametrize("text", [
+    'Hi <tool_call>{"name": "f", "arguments": {"a": [1, }}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}'])
 def test_a_call_that_breaks_after_its_name_makes_the_whole_output_content(text):
     message, finish = ToolUse(PARSERS["hermes"]).message(text, "length")
     assert message == {"role": "assistant", "content": text} and finish == "length"

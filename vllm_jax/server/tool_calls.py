@@ -11,7 +11,7 @@ JSON. Streamed deltas add up to the whole message.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -84,7 +84,6 @@ class ChoiceStream:
     parser: ToolParser | None
     max_calls: int | None = None
     held: str = ""
-    ids: dict[int, str] = field(default_factory=dict)
 
     def feed(self, text: str) -> list[dict]:
         if self.parser is None:
@@ -125,8 +124,7 @@ class ChoiceStream:
     def _call_delta(self, e: Event) -> dict:
         if e.name is None:
             return {"index": e.index, "function": {"arguments": e.arguments}}
-        self.ids[e.index] = new_call_id()
-        return {"index": e.index, "id": self.ids[e.index], "type": "function",
+        return {"index": e.index, "id": new_call_id(), "type": "function",
                 "function": {"name": e.name, "arguments": ""}}
 
 
