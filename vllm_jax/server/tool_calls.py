@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -21,6 +21,7 @@ from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 from vllm_jax.server.protocol import APIError, ChatCompletionRequest
 from vllm_jax.server.tool_parsers import (PARSERS, Event, JsonArrayParser, NamedFunctionParser,
                                           ToolParser, parse_output, parser_for_template)
+
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -31,7 +32,7 @@ class FunctionDefinition(BaseModel):
 
 class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str = "function"
+    type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
@@ -205,7 +206,7 @@ def _compact(schema: dict) -> dict:
 
 
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-LEFT_AS_IS = ("enum", "const", "default", "examples", "allOf")  # allOf: parts add up, not close
+LEFT_AS_IS = ("enum", "const", "default", "examples", "allOf", "not")  # closing changes them
 
 
 def _closed(schema):
