@@ -127,14 +127,24 @@ class ToolParser:
         self.state = self.start
         return True
 
+    def _next_char(self) -> int | None:
+        """Where the next non-space character is; None while there is none (at the end of the
+        output, after falling back: what came was not a call)."""
+        pos = skip_space(self.text, self.pos)
+        if pos < len(self.text):
+            return pos
+        if self.final:
+            self._fall_back()
+        return None
+
     def _array_item(self) -> bool:
         return self._begin_call(self.pos, self._array_next)
 
     def _array_next(self) -> bool:
         """After a call in a JSON array: another one, or the array's end."""
-        pos = skip_space(self.text, self.pos)
-        if pos >= len(self.text):
-            return self._fall_back() if self.final else False
+        pos = self._next_char()
+        if pos is None:
+            return self.final
         if self.text[pos] not in ",]":
             return self._fall_back()
         self.pos = pos + 1
@@ -265,9 +275,9 @@ class JsonArrayParser(WholeOutputParser):
     argument_keys = ("parameters", "arguments")
 
     def start(self) -> bool:
-        pos = skip_space(self.text, self.pos)
-        if pos >= len(self.text):
-            return self._not_a_call() if self.final else False
+        pos = self._next_char()
+        if pos is None:
+            return self.final
         if self.text[pos] != "[":
             return self._not_a_call()
         self._begin_block(0, pos + 1)
@@ -297,9 +307,9 @@ class MistralParser(ToolParser):
         return self._scan_content(self.marker, self._after_marker)
 
     def _after_marker(self) -> bool:
-        pos = skip_space(self.text, self.pos)
-        if pos >= len(self.text):
-            return self._fall_back() if self.final else False
+        pos = self._next_char()
+        if pos is None:
+            return self.final
         if self.text[pos] == "[":
             self.pos, self.after_array, self.state = pos + 1, self.start, self._array_item
         else:
