@@ -15,6 +15,7 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
@@ -91,6 +92,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)
+        self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
@@ -137,13 +139,16 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self.check_prompt(ids)
+        so = params.structured_outputs
+        matchers = self.structured.matchers(so, params.n) if so else [None] * params.n
         seqs, detoks = [], []
-        for i in range(params.n):
+        for i, matcher in enumerate(matchers):
             if params.seed is None:
                 seed = int(self.rng.integers(2**31))
             else:
                 seed = (params.seed * 1_000_003 + i) % 2**32
             seq = Sequence(ids, params, seed, request_id, i)
+            seq.matcher = matcher
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         req = Request(request_id, text, ids, params, seqs, detoks, [""] * params.n)
@@ -211,7 +216,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        out = jax.device_get(self.runner.run(batch))
+        out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
         touched = {}
         now = time.monotonic()
         for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
@@ -230,9 +235,16 @@ class LLMEngine:
             touched[req.request_id] = req
         return [self._output(r) for r in touched.values()]
 
+    def _bitmask(self, batch: ScheduledBatch):
+        """The allowed tokens of the rows that sample this step (None: no row constrained)."""
+        return self.structured.bitmask([
+            seq.matcher if seq.num_computed_tokens + n >= seq.num_tokens else None
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])
         seq.token_ids.append(token)
+        grammar_done = seq.matcher is not None and self.structured.advance(seq, token)
         self.num_generated_tokens += 1
         params = seq.params
         if "logprob" in out:
@@ -244,9 +256,6 @@ class LLMEngine:
                 seq.output_logprobs.append((lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
-        if params.detokenize:
-            detok.add(token)
-        text = detok.text
         reason = stop = None
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
@@ -254,12 +263,18 @@ class LLMEngine:
                 reason = "stop"
             elif token in params.stop_token_ids:
                 reason, stop = "stop", token
-            elif params.stop_strings:
-                hit = _find_stop(text, before, params.stop_strings)
-                if hit is not None:
-                    idx, s = hit
-                    text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
-                    reason, stop = "stop", s
+        # vLLM leaves a stopping token's text out (it may be a special token kept in the text)
+        if params.detokenize and (reason is None or params.include_stop_str_in_output):
+            detok.add(token)
+        text = detok.text
+        if reason is None and n_out >= params.min_tokens and params.stop_strings:
+            hit = _find_stop(text, before, params.stop_strings)
+            if hit is not None:
+                idx, s = hit
+                text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
+                reason, stop = "stop", s
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"

@@ -5,12 +5,14 @@ to the server; fields that would change the output but are not implemented are r
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vllm_jax.engine import structured
 from vllm_jax.pooling_params import PoolingParams
-from vllm_jax.sampling_params import SamplingParams
+from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 
 MAX_N = 16
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an embeddings input array
@@ -43,6 +45,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls: {id, type, function}
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class SamplingRequest(OpenAIModel):
@@ -70,6 +74,12 @@ class SamplingRequest(OpenAIModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict | None = None
+    structured_outputs: dict | None = None  # vLLM's {json, regex, choice, grammar, json_object}
+    guided_json: Union[dict, str, None] = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -100,9 +110,40 @@ class SamplingRequest(OpenAIModel):
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=self.output_constraint())
         except ValueError as e:
             raise APIError(str(e), param=str(e).split(" ")[0]) from None
+
+    def output_constraint(self) -> StructuredOutputs | None:
+        """The one structured-output constraint the request sets, its grammar checked; 400
+        (with the field as `param`) when it is malformed or several are set."""
+        given = [(name, so) for name, so in self._constraints() if so is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(f"set only one of {', '.join(name for name, _ in given)}",
+                           param=given[1][0])
+        name, so = given[0]
+        try:
+            structured.validate(so)
+        except (ValueError, TypeError) as e:  # TypeError: a field of the wrong JSON type
+            raise APIError(str(e), param=name) from None
+        return so
+
+    def _constraints(self):
+        yield "response_format", _response_format(self.response_format)
+        so = self.structured_outputs
+        if so is not None:
+            unknown = set(so) - set(StructuredOutputs.__slots__)
+            if unknown:
+                raise APIError(f"structured_outputs: unsupported fields {sorted(unknown)}",
+                               param="structured_outputs")
+            yield "structured_outputs", StructuredOutputs(**so)
+        for name, field in [("guided_json", "json"), ("guided_regex", "regex"),
+                            ("guided_choice", "choice"), ("guided_grammar", "grammar")]:
+            value = getattr(self, name)
+            yield name, None if value is None else StructuredOutputs(**{field: value})
 
     @property
     def include_usage(self) -> bool:
@@ -123,7 +164,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
 
     def engine_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -132,16 +174,34 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict]:
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError("response_format other than text is not supported",
-                           param="response_format")
         out = []
         for m in self.messages:
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 d["content"] = "".join(_text_part(p) for p in m.content)
+            elif m.content is None:  # an assistant's calls: templates add content up (vLLM: "")
+                d["content"] = ""
+            if m.tool_calls:
+                d["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
             out.append(d)
         return out
+
+
+def _response_format(fmt: dict | None) -> StructuredOutputs | None:
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind != "json_schema":
+        raise APIError(f"response_format type must be text, json_object or json_schema, got "
+                       f"{kind!r}", param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise APIError("response_format json_schema must be an object with a `schema` object",
+                       param="response_format")
+    return StructuredOutputs(json=spec.get("schema", {}))
 
 
 def _text_part(part: dict) -> str:
@@ -149,6 +209,21 @@ def _text_part(part: dict) -> str:
         raise APIError(f"only text content parts are supported, got {part.get('type')!r}",
                        param="messages")
     return part["text"]
+
+
+def _call_for_template(call: dict) -> dict:
+    """Templates read a call's arguments as a mapping; OpenAI clients send them as JSON text."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError("each entry of tool_calls needs function.name", param="messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise APIError(f"tool call arguments are not JSON: {arguments[:80]!r}",
+                           param="messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class CompletionRequest(SamplingRequest):
