@@ -116,6 +116,8 @@ def test_stop_strings_max_tokens_and_eos(llama):
     out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                                stop_token_ids=[tok]))[0].outputs[0]
     assert out.token_ids == full.outputs[0].token_ids[:4] and out.stop_reason == tok
+    decode = engine.tokenizer.decode  # as vLLM: the stopping token is counted, its text left out
+    assert out.text == decode(out.token_ids[:3]) != decode(out.token_ids)
     out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                                stop_token_ids=[tok], min_tokens=10))[0]
     assert tok not in out.outputs[0].token_ids[:10]

@@ -39,14 +39,14 @@ def inject_fault(engine, monkeypatch, at_output_token: int, after_donation: bool
     run = engine.runner.run
     steps = []
 
-    def faulty_run(batch):
+    def faulty_run(batch, *args):
         marked = any(s.params.seed == MARKER and s.num_output_tokens >= at_output_token
                      for s in batch.seqs)
         steps.append((len(batch.seqs), marked))
         if not marked:
-            return run(batch)
+            return run(batch, *args)
         if after_donation:
-            run(batch)
+            run(batch, *args)
             for buffer in engine.runner.kv:
                 buffer.delete()
         raise InjectedFault("the marked request broke the step")

@@ -82,8 +82,15 @@ def test_chat_in_a_terminal(chat):
     assert chat.exitstatus == 0
 
 
+# A shell starts background jobs with SIGINT ignored, and exec keeps that: the chat must still
+# take Ctrl+C (a test run started in the background spawns it so).
+SIGINT_IGNORED = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+
+
 @pytest.mark.parametrize("keys", ["ctrl-c twice", "ctrl-d"])
-def test_ctrl_c_twice_or_ctrl_d_at_the_prompt_exits(chat, keys):
+@pytest.mark.parametrize("setup", ["", SIGINT_IGNORED], ids=["", "sigint-ignored"])
+def test_ctrl_c_twice_or_ctrl_d_at_the_prompt_exits(spawn_chat, keys, setup):
+    chat = spawn_chat(setup)
     chat.expect(">>> ")
     if keys == "ctrl-d":
         chat.sendeof()

@@ -11,7 +11,7 @@ from vllm_jax.engine.llm_engine import LLMEngine
 from vllm_jax.sampling_params import ParamError, SamplingParams
 
 BAD = [  # (SamplingParams kwargs, the parameter blamed)
-    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": 2.0}, "n"),
+    ({"n": 0}, "n"), ({"n": 16385}, "n"), ({"n": 2.0}, "n"),
     ({"temperature": -0.1}, "temperature"), ({"temperature": math.inf}, "temperature"),
     ({"temperature": math.nan}, "temperature"), ({"temperature": 1e39}, "temperature"),
     ({"temperature": "1"}, "temperature"),
@@ -44,7 +44,7 @@ def test_out_of_range_params_are_refused_naming_the_param(kwargs, param):
 @pytest.mark.parametrize("kwargs", [
     {"seed": -2**63}, {"seed": 2**64 - 1}, {"seed": -1}, {"top_k": -1}, {"top_k": 0},
     {"temperature": 0}, {"temperature": 5.0}, {"repetition_penalty": 3.0},
-    {"presence_penalty": -2}, {"frequency_penalty": 2}, {"n": 16}, {"logprobs": 20},
+    {"presence_penalty": -2}, {"frequency_penalty": 2}, {"n": 16384}, {"logprobs": 20},
     {"max_tokens": None, "min_tokens": 100}, {"min_tokens": 16}, {"top_p": 1e-9},
 ])
 def test_params_at_the_edges_of_their_ranges_are_accepted(kwargs):

@@ -16,13 +16,16 @@ import jax.numpy as jnp
 
 from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
-from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_jax.engine.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput,
+                                     Logprob, RequestOutput)
 from vllm_jax.loader import load
 from vllm_jax.loader.default_model import resolve_model_path
+from vllm_jax.pooling_params import PoolingParams
 from vllm_jax.sampling_params import SamplingParams
 
-__all__ = ["CompletionOutput", "ConfigError", "Engine", "EngineConfig", "LLM", "Logprob",
-           "Message", "RequestOutput", "SamplingParams", "forward_logits", "load_model"]
+__all__ = ["CompletionOutput", "ConfigError", "EmbeddingOutput", "EmbeddingRequestOutput",
+           "Engine", "EngineConfig", "LLM", "Logprob", "Message", "PoolingParams", "RequestOutput",
+           "SamplingParams", "forward_logits", "load_model"]
 
 
 @dataclass(slots=True)
@@ -159,6 +162,15 @@ class Engine:
         finally:
             stream.close()
 
+    def embed(self, prompts: Sequence[str | list[int]],
+              params: PoolingParams | None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings of prompts (strings or token id lists), batched, in input order."""
+        tok = self.tokenizer
+        ids = [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
+        vectors = self.llm_engine.embed(ids, params)
+        return [EmbeddingRequestOutput(f"embd-{next(self._ids)}", EmbeddingOutput(v.tolist()), i)
+                for i, v in zip(ids, vectors)]
+
 
 def _is_single_prompt(p) -> bool:
     return isinstance(p, (str, dict)) or (isinstance(p, list) and bool(p)
@@ -185,6 +197,13 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else (
             [sampling_params or SamplingParams()] * len(inputs))
         return [self._decorate(o) for o in self.engine.generate_sync(params, inputs)]
+
+    def embed(self, prompts, pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """Pooled final hidden states (the engine's `pooling`, L2-normalized unless
+        pooling_params say not): `outputs.embedding` per prompt. prompts as for `generate`."""
+        items = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        return self.engine.embed([_prompt_input(p) for p in items], pooling_params)
 
     def chat(self, messages, sampling_params: SamplingParams | list | None = None,
              use_tqdm: bool = False, add_generation_prompt: bool = True,

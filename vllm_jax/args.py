@@ -70,6 +70,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "cpu = the C++ kernels on the CPU, xla elsewhere)")
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed even where only XLA's path runs")
+    p.add_argument("--pooling", default="last", choices=["last", "mean"],
+                   help="embeddings (/v1/embeddings, LLM.embed): the final hidden state of the "
+                        "last token (default, as vLLM pools decoder models) or the mean of all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.set_defaults(**defaults)
@@ -85,5 +88,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         device_ids=args.d, tensor_parallel_size=args.tp,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
         process_id=args.process_id, kernel_backend=args.kernel_backend, seed=args.seed,
-        keep_quantized=args.keep_quantized,
+        keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching), **overrides})

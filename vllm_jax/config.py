@@ -28,6 +28,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # auto | xla | cpu | pallas: attention and quantized matmuls
+    pooling: str = "last"  # embeddings: last | mean of the final hidden states (vLLM: LAST)
     # GGUF weights: None = packed where a fused kernel multiplies them (Pallas on GPUs, the C++
     # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse
     # the unpacking into the matmul: 5x slower than dense there)

@@ -153,6 +153,9 @@ def run_chat(engine_config: EngineConfig, overrides: dict | None = None,
         has_readline = True
     except ImportError:
         has_readline = False
+    # Ctrl+C is the chat's own key, also when it was started with SIGINT ignored (as a shell
+    # starts background jobs, which the ignored disposition survives exec into)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("loading the model ...", file=sys.stderr, flush=True)
     engine = Engine(engine_config)
     if not engine.tokenizer.chat_template:

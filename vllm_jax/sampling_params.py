@@ -12,7 +12,7 @@ import numpy as np
 
 from vllm_jax.runner.sampler import MAX_LOGPROBS
 
-MAX_N = 16  # outputs per request
+MAX_N = 16384  # outputs per request: vLLM's default VLLM_MAX_N_SEQUENCES (the server: 16)
 INT32_MAX = 2**31 - 1  # the runner's per-row parameter arrays are int32
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 

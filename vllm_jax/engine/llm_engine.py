@@ -19,11 +19,14 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
 from vllm_jax.models.base import ConfigError
+from vllm_jax.pooling_params import PoolingParams, check_embedding_prompt
 from vllm_jax.runner.model_runner import (CompileClock, ModelRunner, enable_compilation_cache,
                                           kv_cache_bytes_per_page)
+from vllm_jax.runner.pooler import Pooler, l2_normalize
 from vllm_jax.sampling_params import SamplingParams, check_text, describe, model_defaults
 from vllm_jax.tokenizer import IncrementalDetokenizer
 
@@ -88,9 +91,12 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
                                   self.max_model_len, config.max_num_seqs, max_tokens,
                                   max_prefill_seqs, kv_dtype, mesh=self.mesh)
+        self.pooler = Pooler(self.runner, config.pooling, self.max_model_len, max_tokens,
+                             mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs)
+        self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
@@ -139,13 +145,16 @@ class LLMEngine:
             text, ids = None, [int(t) for t in prompt]
         self.check_prompt(ids)
         params.check_for_model(self.model_config.vocab_size)
+        so = params.structured_outputs
+        matchers = self.structured.matchers(so, params.n) if so else [None] * params.n
         seqs, detoks = [], []
-        for i in range(params.n):
+        for i, matcher in enumerate(matchers):
             if params.seed is None:
                 seed = int(self.rng.integers(2**31))
             else:  # all 64 bits of any seed, negative ones too, folded into the uint32 key
                 seed = int(np.random.SeedSequence([params.seed % 2**64, i]).generate_state(1)[0])
             seq = Sequence(ids, params, seed, request_id, i)
+            seq.matcher = matcher
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         req = Request(request_id, text, ids, params, seqs, detoks, [""] * params.n)
@@ -188,13 +197,33 @@ class LLMEngine:
     def warmup(self) -> int:
         return self.runner.warmup()
 
+    # -- embeddings ---------------------------------------------------------------------------
+    def embedding_batches(self, prompts: list[list[int]],
+                          params: PoolingParams | None = None) -> list[list[int]]:
+        """Validate prompts and parameters for embedding (ValueError); the prompts' indices
+        grouped into the device batches `embed` runs them in."""
+        (params or PoolingParams()).verify(self.model_config.hidden_size)
+        for ids in prompts:
+            check_embedding_prompt(ids, self.max_model_len, self.model_config.vocab_size)
+        return self.pooler.batches([len(ids) for ids in prompts])
+
+    def embed(self, prompts: list[list[int]],
+              params: PoolingParams | None = None) -> np.ndarray:
+        """Pooled final hidden states, float32 [len(prompts), hidden], in input order. Runs
+        at once, beside (not through) the scheduler: call it between steps."""
+        params = params or PoolingParams()
+        out = np.zeros((len(prompts), self.model_config.hidden_size), np.float32)
+        for group in self.embedding_batches(prompts, params):
+            out[group] = self.pooler.run([prompts[i] for i in group])
+        return l2_normalize(out) if params.normalize else out
+
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         try:
-            out = jax.device_get(self.runner.run(batch))
+            out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
         except Exception as error:  # a bug, or a request that slipped past validation
             return self._recover(batch, error)
         touched = {}
@@ -234,9 +263,16 @@ class LLMEngine:
         out.error = error
         return [out]
 
+    def _bitmask(self, batch: ScheduledBatch):
+        """The allowed tokens of the rows that sample this step (None: no row constrained)."""
+        return self.structured.bitmask([
+            seq.matcher if seq.num_computed_tokens + n >= seq.num_tokens else None
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])
         seq.token_ids.append(token)
+        grammar_done = seq.matcher is not None and self.structured.advance(seq, token)
         self.num_generated_tokens += 1
         params = seq.params
         if "logprob" in out:
@@ -248,9 +284,6 @@ class LLMEngine:
                 seq.output_logprobs.append((lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
-        if params.detokenize:
-            detok.add(token)
-        text = detok.text
         reason = stop = None
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
@@ -258,12 +291,18 @@ class LLMEngine:
                 reason = "stop"
             elif token in params.stop_token_ids:
                 reason, stop = "stop", token
-            elif params.stop_strings:
-                hit = _find_stop(text, before, params.stop_strings)
-                if hit is not None:
-                    idx, s = hit
-                    text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
-                    reason, stop = "stop", s
+        # vLLM leaves a stopping token's text out (it may be a special token kept in the text)
+        if params.detokenize and (reason is None or params.include_stop_str_in_output):
+            detok.add(token)
+        text = detok.text
+        if reason is None and n_out >= params.min_tokens and params.stop_strings:
+            hit = _find_stop(text, before, params.stop_strings)
+            if hit is not None:
+                idx, s = hit
+                text = text[:idx + (len(s) if params.include_stop_str_in_output else 0)]
+                reason, stop = "stop", s
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"

@@ -1,4 +1,5 @@
-"""What a request gives back (vLLM's RequestOutput / CompletionOutput)."""
+"""What a request gives back (vLLM's RequestOutput / CompletionOutput, and EmbeddingRequestOutput
+for embeddings)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,3 +37,21 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     error: Exception | None = None  # why the engine gave up on it (finish_reason "error")
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """vLLM's: `LLM.embed(prompts)[i].outputs.embedding`."""
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -35,6 +35,7 @@ class Sequence:
         self.output_logprobs: list = []  # per output token: (logprob, [(id, logprob)...])
         self.prompt_logprobs: list = []  # per prompt position >= 1
         self.cumulative_logprob = 0.0
+        self.matcher = None  # an llguidance matcher over the outputs when the output is constrained
 
     def __len__(self):
         return len(self.token_ids)

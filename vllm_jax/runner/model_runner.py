@@ -87,6 +87,7 @@ class StepLayout:
     logprobs: bool = False
     penalties: int = 0  # history length when any row uses penalties, else 0
     prompt_logprobs: bool = False
+    bitmask_words: int = 0  # int32 words per row of allowed-token bits when a row is constrained
 
     def int_sizes(self):
         n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
@@ -96,6 +97,8 @@ class StepLayout:
             sizes += [("history", self.num_seqs * self.penalties), ("num_prompt", self.num_seqs)]
         if self.prompt_logprobs:
             sizes.append(("targets", self.num_tokens))
+        if self.bitmask_words:
+            sizes.append(("bitmask", self.num_seqs * self.bitmask_words))
         return sizes
 
 
@@ -162,9 +165,10 @@ class ModelRunner:
                                 f["presence"], f["frequency"], f["repetition"], i["seed"],
                                 i["step"], i["min_tokens"], i["banned"].reshape(s, MAX_BANNED))
         history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
+        bitmask = i["bitmask"].reshape(s, layout.bitmask_words) if layout.bitmask_words else None
         tokens, lp, top_ids, top_lp = sample(
             logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
-            history=history, num_prompt=i.get("num_prompt"))
+            history=history, num_prompt=i.get("num_prompt"), bitmask=bitmask)
         out = {"tokens": tokens}
         if layout.logprobs:
             out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)
@@ -175,7 +179,7 @@ class ModelRunner:
         return [c for pair in kv for c in pair], out
 
     # -- host side ----------------------------------------------------------------------------
-    def layout_for(self, batch: ScheduledBatch) -> StepLayout:
+    def layout_for(self, batch: ScheduledBatch, bitmask_words: int = 0) -> StepLayout:
         seqs = batch.seqs
         if batch.decode:
             t = s = pick(self.seq_buckets, len(seqs))
@@ -190,9 +194,10 @@ class ModelRunner:
             logprobs=any(x.logprobs is not None for x in p), penalties=penalties,
             prompt_logprobs=not batch.decode and any(
                 x.prompt_logprobs is not None and q.num_computed_tokens < q.num_prompt_tokens
-                for x, q in zip(p, seqs)))
+                for x, q in zip(p, seqs)),
+            bitmask_words=bitmask_words)
 
-    def prepare(self, batch: ScheduledBatch, layout: StepLayout):
+    def prepare(self, batch: ScheduledBatch, layout: StepLayout, bitmask=None):
         s, b = layout.num_seqs, layout.max_pages
         oob = self.num_pages * self.page_size
         a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
@@ -240,14 +245,20 @@ class ModelRunner:
                 history[row, :seq.num_tokens] = seq.token_ids
                 a["num_prompt"][row] = seq.num_prompt_tokens
             off += n
+        if layout.bitmask_words:
+            rows = a["bitmask"].reshape(s, layout.bitmask_words)
+            rows[:] = -1  # padding rows: all allowed
+            rows[:len(bitmask)] = bitmask
         ints = np.concatenate([a[name] for name, _ in layout.int_sizes()])
         floats = np.concatenate([fl[n] for n in FLOAT_FIELDS])
         return ints, floats
 
-    def run(self, batch: ScheduledBatch) -> dict:
-        """Dispatch the step; returns device arrays (read them with jax.device_get)."""
-        layout = self.layout_for(batch)
-        ints, floats = self.prepare(batch, layout)
+    def run(self, batch: ScheduledBatch, bitmask: np.ndarray | None = None) -> dict:
+        """Dispatch the step; returns device arrays (read them with jax.device_get).
+        `bitmask` [len(batch.seqs), words] int32: the tokens each row may sample (bit t % 32
+        of word t // 32), or None when no row is constrained."""
+        layout = self.layout_for(batch, 0 if bitmask is None else bitmask.shape[1])
+        ints, floats = self.prepare(batch, layout, bitmask)
         self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
         return out
 

@@ -76,10 +76,22 @@ def argmax(x, chunk: int = 1024):
     return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
+def apply_bitmask(logits, bitmask):
+    """-inf where bitmask [S, W] i32 (bit t % 32 of word t // 32, W * 32 >= V) does not allow
+    token t."""
+    n, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    allowed = bits.reshape(n, -1)[:, :vocab].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
-           history=None, num_prompt=None):
-    """logits [S, V] f32 -> (tokens [S], logprob [S], top ids [S, K], top logprobs [S, K])."""
+           history=None, num_prompt=None, bitmask=None):
+    """logits [S, V] f32 -> (tokens [S], logprob [S], top ids [S, K], top logprobs [S, K]).
+    Logprobs are of the model's raw distribution (before bans, penalties and the bitmask)."""
     raw = logits
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     rows = jnp.arange(logits.shape[0])[:, None]
     ban = jnp.where((s.step < s.min_tokens)[:, None] & (s.banned >= 0), s.banned, logits.shape[1])
     logits = logits.at[rows, ban].set(-jnp.inf, mode="drop")

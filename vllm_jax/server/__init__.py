@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vllm_jax.config import EngineConfig
+from vllm_jax.server.tool_parsers import PARSERS
 
 __all__ = ["add_server_args", "build_app", "build_parser", "main", "serve", "served_model_names"]
 
@@ -27,6 +28,12 @@ def add_server_args(p: argparse.ArgumentParser):
                    help="the model name clients send (default: the model path's basename)")
     p.add_argument("--log-interval", type=float, default=5.0, metavar="S",
                    help="seconds between stats log lines while busy")
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS), metavar="NAME",
+                   help="the format the model writes tool calls in: "
+                        f"{', '.join(sorted(PARSERS))} (default: the one its chat template shows)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool_choice 'auto' is on whenever a "
+                        "tool-call format is known")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +55,8 @@ def served_model_names(config: EngineConfig, served_model_name: str | None = Non
 
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None, log_interval: float = 5.0) -> int:
+          served_model_name: str | None = None, log_interval: float = 5.0,
+          tool_call_parser: str | None = None) -> int:
     """Start uvicorn at once (/health answers 503) and load the model in the engine thread."""
     import uvicorn
 
@@ -63,7 +71,8 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
         from vllm_jax.engine.llm_engine import LLMEngine  # imports JAX: off the startup path
         return LLMEngine(engine_config)
 
-    state = ServerState(load, served_model_names(engine_config, served_model_name), log_interval)
+    state = ServerState(load, served_model_names(engine_config, served_model_name), log_interval,
+                        tool_call_parser=tool_call_parser)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port,
                                            timeout_graceful_shutdown=5))
 
@@ -84,6 +93,6 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return serve(engine_config(args), args.host, args.port, args.served_model_name,
-                     args.log_interval)
+                     args.log_interval, args.tool_call_parser)
     except KeyboardInterrupt:
         return 130

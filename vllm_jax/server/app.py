@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from vllm_jax.server import serving
+from vllm_jax.server import embeddings, serving
 from vllm_jax.server.errors import InternalErrors
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                      DetokenizeRequest, TokenizeRequest, error_body)
+                                      DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                                      error_body)
 from vllm_jax.server.serving import ServerState
 
 
@@ -100,6 +101,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         return _respond(await serving.completion(state, req, raw))
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(req: EmbeddingRequest, raw: Request):
+        return await embeddings.create_embedding(state, req, raw)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

@@ -5,12 +5,18 @@ to the server; fields that would change the output but are not implemented are r
 """
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_jax.sampling_params import ParamError, SamplingParams, check_text
+from vllm_jax.engine import structured
+from vllm_jax.pooling_params import PoolingParams
+from vllm_jax.sampling_params import ParamError, SamplingParams, StructuredOutputs, check_text
+
+MAX_N = 16  # outputs per request a client may ask for
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an embeddings input array
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -70,6 +76,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls: {id, type, function}
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class SamplingRequest(OpenAIModel):
@@ -97,6 +105,12 @@ class SamplingRequest(OpenAIModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict | None = None
+    structured_outputs: dict | None = None  # vLLM's {json, regex, choice, grammar, json_object}
+    guided_json: Union[dict, str, None] = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     # SamplingParams field -> the request field it came from
     PARAM_NAMES: ClassVar[dict] = {"prompt_logprobs": "logprobs"}
@@ -106,6 +120,8 @@ class SamplingRequest(OpenAIModel):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict,
                         prompt_logprobs: int | None = None) -> SamplingParams:
+        if not 1 <= self.n <= MAX_N:
+            raise APIError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(f"best_of must equal n ({self.n}): only best_of == n is supported, "
                            f"got {self.best_of}", param="best_of")
@@ -131,9 +147,40 @@ class SamplingRequest(OpenAIModel):
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=self.output_constraint())
         except ParamError as e:
             raise self.api_error(e) from None
+
+    def output_constraint(self) -> StructuredOutputs | None:
+        """The one structured-output constraint the request sets, its grammar checked; 400
+        (with the field as `param`) when it is malformed or several are set."""
+        given = [(name, so) for name, so in self._constraints() if so is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(f"set only one of {', '.join(name for name, _ in given)}",
+                           param=given[1][0])
+        name, so = given[0]
+        try:
+            structured.validate(so)
+        except (ValueError, TypeError) as e:  # TypeError: a field of the wrong JSON type
+            raise APIError(str(e), param=name) from None
+        return so
+
+    def _constraints(self):
+        yield "response_format", _response_format(self.response_format)
+        so = self.structured_outputs
+        if so is not None:
+            unknown = set(so) - set(StructuredOutputs.__slots__)
+            if unknown:
+                raise APIError(f"structured_outputs: unsupported fields {sorted(unknown)}",
+                               param="structured_outputs")
+            yield "structured_outputs", StructuredOutputs(**so)
+        for name, field in [("guided_json", "json"), ("guided_regex", "regex"),
+                            ("guided_choice", "choice"), ("guided_grammar", "grammar")]:
+            value = getattr(self, name)
+            yield name, None if value is None else StructuredOutputs(**{field: value})
 
     @property
     def include_usage(self) -> bool:
@@ -155,7 +202,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
 
     def engine_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -164,16 +212,34 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict]:
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError("response_format other than text is not supported",
-                           param="response_format")
         out = []
         for m in self.messages:
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 d["content"] = "".join(_text_part(p) for p in m.content)
+            elif m.content is None:  # an assistant's calls: templates add content up (vLLM: "")
+                d["content"] = ""
+            if m.tool_calls:
+                d["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
             out.append(d)
         return out
+
+
+def _response_format(fmt: dict | None) -> StructuredOutputs | None:
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind != "json_schema":
+        raise APIError(f"response_format type must be text, json_object or json_schema, got "
+                       f"{kind!r}", param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise APIError("response_format json_schema must be an object with a `schema` object",
+                       param="response_format")
+    return StructuredOutputs(json=spec.get("schema", {}))
 
 
 def _text_part(part: dict) -> str:
@@ -181,6 +247,21 @@ def _text_part(part: dict) -> str:
         raise APIError(f"only text content parts are supported, got {part.get('type')!r}",
                        param="messages")
     return part["text"]
+
+
+def _call_for_template(call: dict) -> dict:
+    """Templates read a call's arguments as a mapping; OpenAI clients send them as JSON text."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError("each entry of tool_calls needs function.name", param="messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise APIError(f"tool call arguments are not JSON: {arguments[:80]!r}",
+                           param="messages") from None
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class CompletionRequest(SamplingRequest):
@@ -215,3 +296,32 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: str | None = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    add_special_tokens: bool = True  # vLLM's
+    normalize: bool = True  # vLLM's: L2-normalize the pooled vector
+
+    def input_list(self) -> list[str | list[int]]:
+        """One entry per embedding: a string or a token id list."""
+        single = isinstance(self.input, str) or (self.input and isinstance(self.input[0], int))
+        items = [self.input] if single else list(self.input)
+        if not items:
+            raise APIError("input cannot be an empty list", param="input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise APIError(f"input has {len(items)} entries; at most {MAX_EMBEDDING_INPUTS} are "
+                           f"allowed", param="input")
+        return items
+
+    def pooling_params(self, hidden_size: int) -> PoolingParams:
+        params = PoolingParams(normalize=self.normalize, dimensions=self.dimensions)
+        try:
+            params.verify(hidden_size)
+        except ValueError as e:
+            raise APIError(str(e), param="dimensions") from None
+        return params

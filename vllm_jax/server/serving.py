@@ -14,6 +14,7 @@ from fastapi import Request
 from vllm_jax.engine.outputs import RequestOutput
 from vllm_jax.sampling_params import ParamError
 from vllm_jax.server import responses as fmt
+from vllm_jax.server import tool_calls
 from vllm_jax.server.engine_thread import EngineThread
 from vllm_jax.server.metrics import Metrics
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
@@ -30,8 +31,9 @@ class ClientGone(Exception):
 
 class ServerState:
     def __init__(self, load, model_names: list[str], log_interval: float = 5.0,
-                 on_load_error=None):
+                 on_load_error=None, tool_call_parser: str | None = None):
         self.model_names = model_names
+        self.tool_call_parser = tool_call_parser  # None: the chat template's format
         self.metrics = Metrics(model_names[0], log_interval)
         self.engine_thread = EngineThread(load, self.metrics, on_load_error)
 
@@ -186,6 +188,7 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
     state.check_model(req.model)
     tok = state.engine().tokenizer
     logprobs = req.engine_logprobs()
+    tools = tool_calls.tool_use(req, tok, state.tool_call_parser)
     messages = req.message_dicts()
     text = render_chat(tok, messages, req)
     ids = tok.encode(text, add_special_tokens=False)
@@ -193,20 +196,22 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
         else req.max_tokens
     params = req.sampling_params(state.check_prompt(ids, requested, "messages"), logprobs,
                                  state.engine().sampling_defaults)
+    tools.adjust(params)
     state.check_params(req, [params])
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": req.model or state.model_name}
     group = RequestGroup(state.engine_thread, rid, [ids], [params])
     if req.stream:
-        return EventStream(_chat_stream(tok, req, group, head, len(ids)), group)
+        return EventStream(_chat_stream(tok, req, group, head, len(ids), tools), group)
     await _collect(group, raw)
     out = group.outputs[0]
-    choices = [{"index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None if logprobs is None else fmt.chat_logprobs(
-                    tok, c, logprobs, as_ids=req.return_tokens_as_token_ids),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish_reason = tools.message(c.text, c.finish_reason)
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": None if logprobs is None else fmt.chat_logprobs(
+                            tok, c, logprobs, as_ids=req.return_tokens_as_token_ids),
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": fmt.usage(len(ids), [out])}
 
@@ -229,10 +234,12 @@ def render_chat(tok, messages: list[dict], req: ChatCompletionRequest) -> str:
     return text
 
 
-async def _chat_stream(tok, req, group: RequestGroup, head: dict, prompt_len: int):
+async def _chat_stream(tok, req, group: RequestGroup, head: dict, prompt_len: int,
+                       tools: tool_calls.ToolUse):
     head = {**head, "object": "chat.completion.chunk"}
     n = req.n
     sent_text, sent_tokens = [0] * n, [0] * n
+    views = [tools.stream() for _ in range(n)]
     top = req.top_logprobs or 0
 
     def chunk(choices, usage=None):
@@ -254,17 +261,21 @@ async def _chat_stream(tok, req, group: RequestGroup, head: dict, prompt_len: in
         usage = fmt.usage(prompt_len, [out]) if req.continuous_usage else None
         for c in out.outputs:
             i = c.index
-            delta = c.text[sent_text[i]:]
+            deltas = views[i].feed(c.text[sent_text[i]:])
+            sent_text[i] = len(c.text)
             done = c.finish_reason is not None
+            if done:
+                deltas += views[i].finish()
             lps = None
-            if req.logprobs and (delta or done):
+            if req.logprobs and (deltas or done):
                 lps = fmt.chat_logprobs(tok, c, top, sent_tokens[i], req.return_tokens_as_token_ids)
                 sent_tokens[i] = len(c.token_ids)
-            if delta:
-                yield chunk([choice(i, {"content": delta}, lps)], usage)
-                sent_text[i], lps = len(c.text), None
+            for delta in deltas:
+                yield chunk([choice(i, delta, lps)], usage)
+                lps = None
             if done:
-                yield chunk([choice(i, {}, lps, c.finish_reason, c.stop_reason)], usage)
+                finish = views[i].finish_reason(c.finish_reason)
+                yield chunk([choice(i, {}, lps, finish, c.stop_reason)], usage)
     if req.include_usage:
         yield chunk([], fmt.usage(prompt_len, group.outputs))
 
