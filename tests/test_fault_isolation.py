@@ -9,12 +9,16 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.llm_engine import LLMEngine
 from vllm_jax.engine.scheduler import Scheduler
 from vllm_jax.engine.sequence import Sequence
-from vllm_jax.sampling_params import SamplingParams
+from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 MARKER = 666  # the seed that marks the request the injected fault blames (greedy: unused)
 PROMPTS = ["The quick brown fox", "Hello world! How are you", "Once upon a time there",
            "def f(x):\n    return"]
+# one request constrained to a language: its recomputed rows must keep their allowed-token masks
+CONSTRAINED = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputs(
+    regex=r"(cat|dog|fox)-[0-9]{2,6}"))
+PARAMS = [GREEDY] * 3 + [CONSTRAINED]
 
 
 class InjectedFault(RuntimeError):
@@ -30,7 +34,12 @@ def engine(model_dir):
 
 @pytest.fixture(scope="module")
 def alone(engine):
-    return [engine.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+    """(token ids, finish reason) of each request run by itself."""
+    return [results(engine.generate([p], sp))[0] for p, sp in zip(PROMPTS, PARAMS)]
+
+
+def results(outs) -> list[tuple[list[int], str]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
 
 
 def inject_fault(engine, monkeypatch, at_output_token: int, after_donation: bool):
@@ -62,19 +71,19 @@ def test_only_the_request_that_breaks_a_step_fails(engine, alone, monkeypatch, a
     steps = inject_fault(engine, monkeypatch, at_output_token, after_donation)
     culprit = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, seed=MARKER)
     prompts = PROMPTS[:2] + ["A request that breaks the step"] + PROMPTS[2:]
-    params = [GREEDY] * 2 + [culprit] + [GREEDY] * 2
+    params = PARAMS[:2] + [culprit] + PARAMS[2:]
     outs = engine.generate(prompts, params)
     bad = outs.pop(2)
-    assert [o.outputs[0].token_ids for o in outs] == alone
-    assert all(o.error is None and o.outputs[0].finish_reason == "length" for o in outs)
+    assert results(outs) == alone
+    assert all(o.error is None for o in outs)
     assert isinstance(bad.error, InjectedFault) and bad.outputs[0].finish_reason == "error"
     assert (1, True) in steps and any(n > 1 and marked for n, marked in steps)
     assert not engine.requests and not engine.scheduler.suspects
     bm = engine.block_manager
     assert bm.num_free == bm.num_blocks
     monkeypatch.undo()
-    again = engine.generate(PROMPTS, GREEDY)  # the engine goes on serving, results unchanged
-    assert [o.outputs[0].token_ids for o in again] == alone
+    again = engine.generate(PROMPTS, PARAMS)  # the engine goes on serving, results unchanged
+    assert results(again) == alone
 
 
 def test_after_a_restart_each_suspect_runs_alone_until_it_sampled_then_all_batch_again():
