@@ -111,7 +111,9 @@ class Tokenizer:
         return self.chat_templates.get("default")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch calls release the GIL (single ones hold it): a server thread encoding a huge
+        # prompt leaves the event loop running.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt's ids: with the BOS the model expects, but not a second one when the text
@@ -120,7 +122,7 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode_batch([[int(i) for i in ids]], skip_special_tokens=skip_special_tokens)[0]
         return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def id_to_token(self, token_id: int) -> str | None:
