@@ -12,8 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from vllm_jax.server import serving
+from vllm_jax.server.auth import APIKeyMiddleware
+from vllm_jax.server.http_limits import BodyLimitMiddleware
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest, error_body)
+from vllm_jax.server.rendering import off_loop
 from vllm_jax.server.serving import ServerState
 
 log = logging.getLogger("vllm_jax")
@@ -54,9 +57,14 @@ def build_app(state: ServerState) -> FastAPI:
         state.engine_thread.start()
         yield
         state.engine_thread.stop()
+        state.renderer.close()
 
+    options = state.options
     app = FastAPI(title="vllm_jax", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_request_bytes)
+    if options.api_key:  # added last, so it runs first: a refused request's body is never read
+        app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -78,7 +86,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):
         log.exception("error handling %s", request.url.path)
-        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return error_response(f"internal error ({type(exc).__name__}; the server log has the "
+                              f"details)", 500)
 
     @app.get("/health")
     async def health():
@@ -91,7 +100,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         engine = state.engine()
         data = [{"id": name, "object": "model", "created": int(time.time()),
-                 "owned_by": "vllm_jax", "root": state.model_names[-1], "parent": None,
+                 "owned_by": "vllm_jax", "root": name, "parent": None,
                  "max_model_len": engine.max_model_len} for name in state.model_names[:1]]
         return {"object": "list", "data": data}
 
@@ -115,15 +124,16 @@ def build_app(state: ServerState) -> FastAPI:
         if req.messages is not None:
             fields = ChatCompletionRequest(messages=req.messages,
                                            add_generation_prompt=req.add_generation_prompt)
-            text = serving.render_chat(tok, fields.message_dicts(), fields)
+            text = await serving.render_chat(state, tok, fields.message_dicts(), fields)
             special = bool(req.add_special_tokens)
         elif req.prompt is not None:
             text = req.prompt
             special = req.add_special_tokens is not False
         else:
             raise APIError("either prompt or messages is required", param="prompt")
-        ids = tok.encode(text, add_special_tokens=special)
-        strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
+        ids = await off_loop(tok.encode, text, add_special_tokens=special)
+        strs = await off_loop(lambda: [tok.id_to_token(i) for i in ids]) \
+            if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                 "token_strs": strs}
 
@@ -132,10 +142,11 @@ def build_app(state: ServerState) -> FastAPI:
         state.check_model(req.model)
         engine = state.engine()
         vocab = engine.model_config.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        bad = await off_loop(lambda: next((t for t in req.tokens if not 0 <= t < vocab), None))
         if bad is not None:
             raise APIError(f"token id {bad} is out of vocabulary (size {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        text = await off_loop(engine.tokenizer.decode, req.tokens, skip_special_tokens=False)
+        return {"prompt": text}
 
     return app
 
