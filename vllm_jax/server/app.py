@@ -16,7 +16,8 @@ from vllm_jax.server.auth import APIKeyMiddleware
 from vllm_jax.server.http_limits import BodyLimitMiddleware
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest, error_body)
-from vllm_jax.server.rendering import off_loop
+from vllm_jax.server.rendering import encode_prompt, off_loop
+from vllm_jax.server.request_body import json_body
 from vllm_jax.server.serving import ServerState
 
 log = logging.getLogger("vllm_jax")
@@ -109,36 +110,38 @@ def build_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(raw: Request,
+                               req: ChatCompletionRequest = json_body(ChatCompletionRequest)):
         return _respond(await serving.chat_completion(state, req, raw))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
+    async def completions(raw: Request, req: CompletionRequest = json_body(CompletionRequest)):
         return _respond(await serving.completion(state, req, raw))
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    async def tokenize(req: TokenizeRequest = json_body(TokenizeRequest)):
         state.check_model(req.model)
         engine = state.engine()
         tok = engine.tokenizer
         if req.messages is not None:
             fields = ChatCompletionRequest(messages=req.messages,
                                            add_generation_prompt=req.add_generation_prompt)
-            text = await serving.render_chat(state, tok, fields.message_dicts(), fields)
+            messages = await off_loop(fields.message_dicts)
+            text = await serving.render_chat(state, tok, messages, fields)
             special = bool(req.add_special_tokens)
         elif req.prompt is not None:
             text = req.prompt
             special = req.add_special_tokens is not False
         else:
             raise APIError("either prompt or messages is required", param="prompt")
-        ids = await off_loop(tok.encode, text, add_special_tokens=special)
+        ids = await off_loop(encode_prompt, tok, text, special, engine.max_model_len, "prompt")
         strs = await off_loop(lambda: [tok.id_to_token(i) for i in ids]) \
             if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                 "token_strs": strs}
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
+    async def detokenize(req: DetokenizeRequest = json_body(DetokenizeRequest)):
         state.check_model(req.model)
         engine = state.engine()
         vocab = engine.model_config.vocab_size

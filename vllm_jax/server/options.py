@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 
 # A 128k-token prompt is at most ~1 MB of JSON (token ids or escaped text); 8 MiB leaves room for
-# batched completions and million-token contexts, while parsing it holds the event loop for
-# ~0.1 s at most (json.loads of 8 MiB of small ints on a 2-core CI machine).
+# batched completions and million-token prompts. The worst 8 MiB bodies (2.8M token ids, 270k
+# one-letter messages) held /health up to ~0.13 s on 2 busy cores: json.loads and the garbage
+# collector hold the GIL in one piece, in proportion to the body.
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 
 

@@ -151,7 +151,9 @@ def _text_part(part: dict) -> str:
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # list[int] before list[str]: pydantic then accepts 2.8M token ids in 70 ms, not 700 ms
+    # (a failed list[str] first collects an error per id)
+    prompt: Union[str, list[int], list[list[int]], list[str]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False

@@ -18,7 +18,7 @@ from vllm_jax.server.metrics import Metrics
 from vllm_jax.server.options import ServerOptions
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       error_body)
-from vllm_jax.server.rendering import ChatRenderer, off_loop
+from vllm_jax.server.rendering import ChatRenderer, encode_prompt, off_loop
 
 log = logging.getLogger("vllm_jax")
 
@@ -181,9 +181,9 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
     state.check_model(req.model)
     tok = state.engine().tokenizer
     logprobs = req.engine_logprobs()
-    messages = req.message_dicts()
+    messages = await off_loop(req.message_dicts)
     text = await render_chat(state, tok, messages, req)
-    ids = await off_loop(tok.encode, text, add_special_tokens=False)
+    ids = await off_loop(encode_prompt, tok, text, False, state.engine().max_model_len, "messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     budget = await off_loop(state.check_prompt, ids, requested, "messages")
@@ -269,7 +269,7 @@ async def _chat_stream(tok, req, group: RequestGroup, head: dict, prompt_len: in
 async def completion(state: ServerState, req: CompletionRequest, raw: Request):
     state.check_model(req.model)
     tok = state.engine().tokenizer
-    texts, prompt_ids = await off_loop(_encode_prompts, tok, req)
+    texts, prompt_ids = await off_loop(_encode_prompts, tok, req, state.engine().max_model_len)
     echo_only = req.echo and req.max_tokens == 0  # lm-eval style: just the prompt's logprobs
     prompt_logprobs = req.logprobs if req.echo else None
     defaults = state.engine().sampling_defaults
@@ -290,13 +290,15 @@ async def completion(state: ServerState, req: CompletionRequest, raw: Request):
     return {**head, "choices": choices, "usage": view.usage(group.outputs)}
 
 
-def _encode_prompts(tok, req: CompletionRequest) -> tuple[list[str | None], list[list[int]]]:
+def _encode_prompts(tok, req: CompletionRequest,
+                    max_model_len: int) -> tuple[list[str | None], list[list[int]]]:
     """Each prompt's text (None for token ids) and ids."""
     texts, prompt_ids = [], []
     for p in req.prompt_list():
         if isinstance(p, str):
             texts.append(p)
-            prompt_ids.append(tok.encode(p, add_special_tokens=req.add_special_tokens))
+            prompt_ids.append(encode_prompt(tok, p, req.add_special_tokens, max_model_len,
+                                            "prompt"))
         else:
             texts.append(None)
             prompt_ids.append(list(p))
