@@ -239,6 +239,7 @@ def test_the_cli_server_mode_passes_the_server_flags(monkeypatch, model_path):
 
     calls = []
     monkeypatch.setattr(vllm_jax.server, "serve", lambda *a: calls.append(a) or 0)
+    monkeypatch.setitem(sys.modules, "IPython", sys.modules.get("IPython"))  # main() hides it
     flags = ["--api-key", "k", "--trust-request-chat-template", "--max-request-bytes", "123",
              "--served-model-name", "m"]
     assert cli.main(["--w", str(model_path), "--server"] + flags) == 0
