@@ -5,11 +5,11 @@ import argparse
 import os
 from dataclasses import dataclass
 
-# A 128k-token prompt is at most ~1 MB of JSON (token ids or escaped text); 8 MiB leaves room for
-# batched completions and million-token prompts. The worst 8 MiB bodies (2.8M token ids, 270k
-# one-letter messages) held /health up to ~0.13 s on 2 busy cores: json.loads and the garbage
-# collector hold the GIL in one piece, in proportion to the body.
-DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+# 4 MiB holds any prompt this engine can serve: ~500k token ids or ~1M tokens of text as JSON (a
+# 128k-token prompt is ~1 MB). Reading a body holds the GIL in pieces proportional to its size
+# (json.loads, the garbage collector): the worst 4 MiB bodies kept /health under ~0.2 s, median
+# 4 ms, on 2 busy cores (tools/health_probe.py); 8 MiB bodies were somewhat slower.
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,7 +31,7 @@ def add_server_limit_args(p: argparse.ArgumentParser):
                    help="accept a chat_template in requests, rendered in a worker process "
                         "stopped after 5 s (refused with 400 without this flag)")
     p.add_argument("--max-request-bytes", type=positive(), default=DEFAULT_MAX_REQUEST_BYTES,
-                   metavar="N", help="a larger request body gets 413 (default 8 MiB)")
+                   metavar="N", help="a larger request body gets 413 (default 4 MiB)")
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
