@@ -53,6 +53,7 @@ def server(model_path):
     yield url
     srv.should_exit = True
     thread.join(30)
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
