@@ -17,7 +17,8 @@ from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 MAX_N = 16
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an embeddings input array
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               405: "MethodNotAllowedError", 413: "RequestTooLargeError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
@@ -227,7 +228,9 @@ def _call_for_template(call: dict) -> dict:
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # list[int] before list[str]: pydantic then accepts 2.8M token ids in 70 ms, not 700 ms
+    # (a failed list[str] first collects an error per id)
+    prompt: Union[str, list[int], list[list[int]], list[str]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
