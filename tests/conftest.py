@@ -141,6 +141,28 @@ def real_model():
     return get
 
 
+def run_uvicorn(app):
+    """The app (of build_app) on uvicorn as `serve` configures it, in a thread:
+    (server, thread, base url)."""
+    import threading
+
+    import uvicorn
+
+    from vllm_jax.server.http_limits import uvicorn_config
+
+    options = app.state.server.options
+    config = uvicorn_config(app, "127.0.0.1", 0, options, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, server_process
+from conftest import free_port, run_uvicorn, server_process
 from openai import AsyncOpenAI, OpenAI
 
 from vllm_jax import LLM, SamplingParams
@@ -39,20 +39,6 @@ def offline(llm):
         "chat": llm.chat(CHAT, GREEDY)[0].outputs[0].text,
         "echo": llm.generate("Hello world", echo)[0],
     }
-
-
-def run_uvicorn(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import time
 
 from vllm_jax.args import Parser, add_engine_args, engine_config, positive
 from vllm_jax.config import ConfigError
+from vllm_jax.server import add_server_args, server_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark: run the (first) prompt N times")
     p.add_argument("--i", action="store_true", help="interactive chat")
     p.add_argument("--server", action="store_true", help="serve the OpenAI-compatible API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    add_server_args(p)
     p.add_argument("--save-gguf", metavar="PATH", help="write the (quantized) model as GGUF")
     return p
 
@@ -98,7 +98,8 @@ def main(argv=None):
     try:
         if args.server:
             from vllm_jax.server import serve
-            return serve(engine_config(args), args.host, args.port)
+            return serve(engine_config(args), args.host, args.port, args.served_model_name,
+                         args.log_interval, server_options(args))
         if args.i:
             from vllm_jax.repl import run_chat
             flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

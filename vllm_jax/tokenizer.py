@@ -18,6 +18,12 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 
+class TooManyTokens(ValueError):
+    def __init__(self, num_tokens: int, max_tokens: int):
+        super().__init__(f"{num_tokens} tokens, more than {max_tokens}")
+        self.num_tokens, self.max_tokens = num_tokens, max_tokens
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` (`backend`) plus what a model folder or GGUF says around it.
 
@@ -110,8 +116,15 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self.chat_templates.get("default")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """The text's ids; with `max_tokens`, TooManyTokens for a longer text, before its id list is built."""
+        # The batch call releases the GIL while it works (a single one holds it), and its fast
+        # variant keeps no offsets, whose freeing would hold the GIL again (~1 s for 8M tokens):
+        # a server thread encoding a huge prompt leaves the event loop running.
+        encoding = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise TooManyTokens(len(encoding), max_tokens)
+        return encoding.ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt's ids: with the BOS the model expects, but not a second one when the text
@@ -120,7 +133,7 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode_batch([[int(i) for i in ids]], skip_special_tokens=skip_special_tokens)[0]
         return _clean_up_spaces(text) if self.clean_up_spaces else text
 
     def id_to_token(self, token_id: int) -> str | None:

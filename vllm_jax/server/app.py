@@ -11,10 +11,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from vllm_jax.server import embeddings, serving
+from vllm_jax.server.auth import APIKeyMiddleware
 from vllm_jax.server.errors import InternalErrors
+from vllm_jax.server.http_limits import BodyLimitMiddleware
 from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
                                       error_body)
+from vllm_jax.server.rendering import encode_prompt, off_loop
+from vllm_jax.server.request_body import json_body
 from vllm_jax.server.serving import ServerState
 
 
@@ -53,10 +57,15 @@ def build_app(state: ServerState) -> FastAPI:
         state.engine_thread.start()
         yield
         state.engine_thread.stop()
+        state.renderer.close()
 
+    options = state.options
     app = FastAPI(title="vllm_jax", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.server = state
     app.add_middleware(InternalErrors)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_request_bytes)
+    if options.api_key:  # added last, so it runs first: a refused request's body is never read
+        app.add_middleware(APIKeyMiddleware, api_key=options.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -86,7 +95,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         engine = state.engine()
         data = [{"id": name, "object": "model", "created": int(time.time()),
-                 "owned_by": "vllm_jax", "root": state.model_names[-1], "parent": None,
+                 "owned_by": "vllm_jax", "root": name, "parent": None,
                  "max_model_len": engine.max_model_len} for name in state.model_names[:1]]
         return {"object": "list", "data": data}
 
@@ -95,46 +104,50 @@ def build_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(raw: Request,
+                               req: ChatCompletionRequest = json_body(ChatCompletionRequest)):
         return _respond(await serving.chat_completion(state, req, raw))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
+    async def completions(raw: Request, req: CompletionRequest = json_body(CompletionRequest)):
         return _respond(await serving.completion(state, req, raw))
 
     @app.post("/v1/embeddings")
-    async def create_embeddings(req: EmbeddingRequest, raw: Request):
+    async def create_embeddings(raw: Request, req: EmbeddingRequest = json_body(EmbeddingRequest)):
         return await embeddings.create_embedding(state, req, raw)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    async def tokenize(req: TokenizeRequest = json_body(TokenizeRequest)):
         state.check_model(req.model)
         engine = state.engine()
         tok = engine.tokenizer
         if req.messages is not None:
             fields = ChatCompletionRequest(messages=req.messages,
                                            add_generation_prompt=req.add_generation_prompt)
-            text = serving.render_chat(tok, fields.message_dicts(), fields)
+            messages = await off_loop(fields.message_dicts)
+            text = await serving.render_chat(state, tok, messages, fields)
             special = bool(req.add_special_tokens)
         elif req.prompt is not None:
             text = req.prompt
             special = req.add_special_tokens is not False
         else:
             raise APIError("either prompt or messages is required", param="prompt")
-        ids = tok.encode(text, add_special_tokens=special)
-        strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
+        ids = await off_loop(encode_prompt, tok, text, special, engine.max_model_len, "prompt")
+        strs = await off_loop(lambda: [tok.id_to_token(i) for i in ids]) \
+            if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                 "token_strs": strs}
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
+    async def detokenize(req: DetokenizeRequest = json_body(DetokenizeRequest)):
         state.check_model(req.model)
         engine = state.engine()
         vocab = engine.model_config.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        bad = await off_loop(lambda: next((t for t in req.tokens if not 0 <= t < vocab), None))
         if bad is not None:
             raise APIError(f"token id {bad} is out of vocabulary (size {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        text = await off_loop(engine.tokenizer.decode, req.tokens, skip_special_tokens=False)
+        return {"prompt": text}
 
     return app
 

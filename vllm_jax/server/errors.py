@@ -14,6 +14,11 @@ from vllm_jax.server.protocol import error_body
 log = logging.getLogger("vllm_jax")
 
 
+def internal_error_body(e: Exception) -> dict:
+    """A 500's body: the exception's type only, as its text may hold paths."""
+    return error_body(f"internal error ({type(e).__name__}; the server log has the details)", 500)
+
+
 class InternalErrors:
     def __init__(self, app):
         self.app = app
@@ -34,5 +39,4 @@ class InternalErrors:
             log.exception("error handling %s", scope.get("path"))
             if started:  # half a response is out: only closing the connection ends it
                 raise
-            body = error_body(f"internal error: {type(e).__name__}: {e}", 500)
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+            await JSONResponse(internal_error_body(e), status_code=500)(scope, receive, send)

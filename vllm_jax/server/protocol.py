@@ -6,19 +6,19 @@ to the server; fields that would change the output but are not implemented are r
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_jax.engine import structured
 from vllm_jax.pooling_params import PoolingParams
-from vllm_jax.sampling_params import ParamError, SamplingParams, StructuredOutputs, check_text
+from vllm_jax.sampling_params import ParamError, SamplingParams, StructuredOutputs
 
 MAX_N = 16  # outputs per request a client may ask for
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on an embeddings input array
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               405: "MethodNotAllowedError", 413: "RequestTooLargeError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
@@ -35,36 +35,6 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_is_valid(cls, data):
-        """Every string of the body, keys and unknown fields too, must be valid Unicode: JSON
-        escapes can spell lone surrogates, which no tokenizer or encoder accepts."""
-        for path, text in _strings(data):
-            try:
-                check_text(path, text)
-            except ParamError as e:
-                raise APIError(str(e), param=path.split(".")[0]) from None
-        return data
-
-
-def _strings(data):
-    """(dotted path, string) for every string in parsed JSON, dict keys included; a loop, not
-    recursion, so that no nesting depth can overflow the stack."""
-    todo = deque([("", data)])
-    while todo:
-        path, value = todo.popleft()
-        if isinstance(value, str):
-            yield path or "body", value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                shown = str(k).encode("utf-8", "backslashreplace").decode()  # keys may be bad
-                key = f"{path}.{shown}" if path else shown
-                todo += [(key, k), (key, v)]
-        elif isinstance(value, list):
-            todo += [(f"{path}.{i}", v) for i, v in enumerate(value)
-                     if isinstance(v, (str, dict, list))]  # token id lists go by fast
 
 
 class StreamOptions(OpenAIModel):
@@ -265,7 +235,9 @@ def _call_for_template(call: dict) -> dict:
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # list[int] before list[str]: pydantic then accepts 2.8M token ids in 70 ms, not 700 ms
+    # (a failed list[str] first collects an error per id)
+    prompt: Union[str, list[int], list[list[int]], list[str]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False

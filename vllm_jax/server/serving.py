@@ -16,9 +16,11 @@ from vllm_jax.sampling_params import ParamError
 from vllm_jax.server import responses as fmt
 from vllm_jax.server import tool_calls
 from vllm_jax.server.engine_thread import EngineThread
+from vllm_jax.server.errors import internal_error_body
 from vllm_jax.server.metrics import Metrics
-from vllm_jax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                      error_body)
+from vllm_jax.server.options import ServerOptions
+from vllm_jax.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from vllm_jax.server.rendering import ChatRenderer, encode_prompt, off_loop
 
 log = logging.getLogger("vllm_jax")
 
@@ -31,9 +33,10 @@ class ClientGone(Exception):
 
 class ServerState:
     def __init__(self, load, model_names: list[str], log_interval: float = 5.0,
-                 on_load_error=None, tool_call_parser: str | None = None):
+                 on_load_error=None, options: ServerOptions = ServerOptions()):
         self.model_names = model_names
-        self.tool_call_parser = tool_call_parser  # None: the chat template's format
+        self.options = options
+        self.renderer = ChatRenderer(options)
         self.metrics = Metrics(model_names[0], log_interval)
         self.engine_thread = EngineThread(load, self.metrics, on_load_error)
 
@@ -45,7 +48,7 @@ class ServerState:
         """The loaded engine, for its read-only parts (tokenizer, limits); 503 while loading."""
         t = self.engine_thread
         if t.error is not None:
-            raise APIError(f"the model failed to load: {t.error}", 503)
+            raise APIError("the model failed to load (the server log says why)", 503)
         if not t.ready.is_set():
             raise APIError("the model is still loading", 503)
         return t.engine
@@ -176,7 +179,7 @@ class EventStream:
             yield sse(fmt.error_event(e))
         except Exception as e:
             log.exception("streaming failed")
-            yield sse(error_body(f"internal error: {e}", 500))
+            yield sse(internal_error_body(e))
         finally:
             self.group.abort()
         yield "data: [DONE]\n\n"
@@ -188,14 +191,14 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
     state.check_model(req.model)
     tok = state.engine().tokenizer
     logprobs = req.engine_logprobs()
-    tools = tool_calls.tool_use(req, tok, state.tool_call_parser)
-    messages = req.message_dicts()
-    text = render_chat(tok, messages, req)
-    ids = tok.encode(text, add_special_tokens=False)
+    tools = await off_loop(tool_calls.tool_use, req, tok, state.options.tool_call_parser)
+    messages = await off_loop(req.message_dicts)
+    text = await render_chat(state, tok, messages, req)
+    ids = await off_loop(encode_prompt, tok, text, False, state.engine().max_model_len, "messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = req.sampling_params(state.check_prompt(ids, requested, "messages"), logprobs,
-                                 state.engine().sampling_defaults)
+    budget = await off_loop(state.check_prompt, ids, requested, "messages")
+    params = req.sampling_params(budget, logprobs, state.engine().sampling_defaults)
     tools.adjust(params)
     state.check_params(req, [params])
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -209,21 +212,23 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest, raw: R
     for c in out.outputs:
         message, finish_reason = tools.message(c.text, c.finish_reason)
         choices.append({"index": c.index, "message": message,
-                        "logprobs": None if logprobs is None else fmt.chat_logprobs(
-                            tok, c, logprobs, as_ids=req.return_tokens_as_token_ids),
+                        "logprobs": None if logprobs is None else await off_loop(
+                            fmt.chat_logprobs, tok, c, logprobs,
+                            as_ids=req.return_tokens_as_token_ids),
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": fmt.usage(len(ids), [out])}
 
 
-def render_chat(tok, messages: list[dict], req: ChatCompletionRequest) -> str:
+async def render_chat(state: ServerState, tok, messages: list[dict],
+                      req: ChatCompletionRequest) -> str:
     final = req.continue_final_message
     if final and messages[-1]["role"] != "assistant":
         raise APIError("continue_final_message needs an assistant message last", param="messages")
     try:
-        text = tok.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt and not final,
-            tools=req.tools, chat_template=req.chat_template, **(req.chat_template_kwargs or {}))
+        text = await state.renderer.render(
+            tok, messages, add_generation_prompt=req.add_generation_prompt and not final,
+            tools=req.tools, chat_template=req.chat_template, kwargs=req.chat_template_kwargs)
     except APIError:
         raise
     except Exception as e:  # the template rejected these messages (roles, missing content...)
@@ -285,22 +290,14 @@ async def _chat_stream(tok, req, group: RequestGroup, head: dict, prompt_len: in
 async def completion(state: ServerState, req: CompletionRequest, raw: Request):
     state.check_model(req.model)
     tok = state.engine().tokenizer
-    prompts = req.prompt_list()
-    texts, prompt_ids = [], []
-    for p in prompts:
-        if isinstance(p, str):
-            texts.append(p)
-            prompt_ids.append(tok.encode(p, add_special_tokens=req.add_special_tokens))
-        else:
-            texts.append(None)
-            prompt_ids.append(list(p))
+    texts, prompt_ids = await off_loop(_encode_prompts, tok, req, state.engine().max_model_len)
     echo_only = req.echo and req.max_tokens == 0  # lm-eval style: just the prompt's logprobs
     prompt_logprobs = req.logprobs if req.echo else None
     defaults = state.engine().sampling_defaults
-    params = [req.sampling_params(state.check_prompt(ids, 1 if echo_only else req.max_tokens,
-                                                     "prompt"),
-                                  None if echo_only else req.logprobs, defaults, prompt_logprobs)
-              for ids in prompt_ids]
+    budgets = await off_loop(lambda: [state.check_prompt(
+        ids, 1 if echo_only else req.max_tokens, "prompt") for ids in prompt_ids])
+    params = [req.sampling_params(budget, None if echo_only else req.logprobs, defaults,
+                                  prompt_logprobs) for budget in budgets]
     state.check_params(req, params)
     rid = f"cmpl-{uuid.uuid4().hex}"
     head = {"id": rid, "object": "text_completion", "created": int(time.time()),
@@ -310,8 +307,24 @@ async def completion(state: ServerState, req: CompletionRequest, raw: Request):
     if req.stream:
         return EventStream(_completion_stream(view, req, group, head), group)
     await _collect(group, raw)
-    choices = [view.choice(i, out, c) for i, out in enumerate(group.outputs) for c in out.outputs]
+    choices = await off_loop(lambda: [view.choice(i, out, c) for i, out in
+                                      enumerate(group.outputs) for c in out.outputs])
     return {**head, "choices": choices, "usage": view.usage(group.outputs)}
+
+
+def _encode_prompts(tok, req: CompletionRequest,
+                    max_model_len: int) -> tuple[list[str | None], list[list[int]]]:
+    """Each prompt's text (None for token ids) and ids."""
+    texts, prompt_ids = [], []
+    for p in req.prompt_list():
+        if isinstance(p, str):
+            texts.append(p)
+            prompt_ids.append(encode_prompt(tok, p, req.add_special_tokens, max_model_len,
+                                            "prompt"))
+        else:
+            texts.append(None)
+            prompt_ids.append(list(p))
+    return texts, prompt_ids
 
 
 async def _completion_stream(view: fmt.CompletionView, req, group: RequestGroup, head: dict):
