@@ -20,6 +20,7 @@ _EXPORTS = {
     "Message": "vllm_jax.api",
     "RequestOutput": "vllm_jax.api",
     "SamplingParams": "vllm_jax.sampling_params",
+    "StructuredOutputs": "vllm_jax.sampling_params",
     "forward_logits": "vllm_jax.api",
     "load_model": "vllm_jax.api",
 }

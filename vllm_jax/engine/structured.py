@@ -100,12 +100,10 @@ class StructuredOutputManager:
             raise ValueError(f"invalid {_kind(so)}: {first.get_error()}")
         return [first] + [first.deep_copy() for _ in range(n - 1)]
 
-    def bitmask(self, matchers: list) -> np.ndarray | None:
+    def bitmask(self, matchers: list) -> np.ndarray:
         """[len(matchers), words] int32: each row's allowed next tokens (all bits set for a row
-        whose matcher is None); None when no row is constrained."""
+        whose matcher is None)."""
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return None
         mask = np.full((len(matchers), self.words), ALL_ALLOWED, np.int32)
         llg_np.fill_next_token_bitmask_par(self._executor, rows, mask)
         return mask
