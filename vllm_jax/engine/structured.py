@@ -51,7 +51,8 @@ def grammar(so: StructuredOutputs) -> str:
     if so.regex is not None:
         return llguidance.grammar_from("regex", so.regex)
     if so.choice is not None:
-        if not so.choice or not all(isinstance(c, str) for c in so.choice):
+        if not (isinstance(so.choice, list) and so.choice
+                and all(isinstance(c, str) for c in so.choice)):
             raise ValueError("choice must be a non-empty list of strings")
         return llguidance.grammar_from("choice", so.choice)
     return llguidance.grammar_from("grammar", so.grammar)  # Lark, or GBNF converted to Lark
