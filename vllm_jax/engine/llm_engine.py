@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,8 @@
 """Runs a ScheduledBatch on the device: pad to a bucket, one transfer in, one jitted step, read back.
 
 The step is compiled once per StepLayout (bucket sizes and a few static flags). A step with
-constrained rows (structured output) runs as two programs, the forward then the sampling, so
-the host fills the allowed-token bitmask while the forward runs. Weights travel
+constrained rows (structured output) runs as two programs compiled per layout, the forward then
+the sampling, so the host fills the allowed-token bitmask while the forward runs. Weights travel
 as an argument and the KV cache is donated, so it is updated in place. Both go in as flat lists
 of arrays, which jit's C++ dispatch reads directly: handing it the NNX state (and the graphdef as
 a static argument) cost ~8 ms of Python hashing and flattening per step.
@@ -90,7 +90,6 @@ class StepLayout:
     logprobs: bool = False
     penalties: int = 0  # history length when any row uses penalties, else 0
     prompt_logprobs: bool = False
-    constrained: bool = False  # some row samples under a bitmask: forward and sampling split
 
     def int_sizes(self):
         n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
@@ -198,7 +197,7 @@ class ModelRunner:
         return out
 
     # -- host side ----------------------------------------------------------------------------
-    def layout_for(self, batch: ScheduledBatch, constrained: bool = False) -> StepLayout:
+    def layout_for(self, batch: ScheduledBatch) -> StepLayout:
         seqs = batch.seqs
         if batch.decode:
             t = s = pick(self.seq_buckets, len(seqs))
@@ -213,8 +212,7 @@ class ModelRunner:
             logprobs=any(x.logprobs is not None for x in p), penalties=penalties,
             prompt_logprobs=not batch.decode and any(
                 x.prompt_logprobs is not None and q.num_computed_tokens < q.num_prompt_tokens
-                for x, q in zip(p, seqs)),
-            constrained=constrained)
+                for x, q in zip(p, seqs)))
 
     def prepare(self, batch: ScheduledBatch, layout: StepLayout):
         s, b = layout.num_seqs, layout.max_pages
@@ -273,7 +271,7 @@ class ModelRunner:
         `bitmask`, when some row is constrained, is called while the forward runs: it returns
         [len(batch.seqs), words] int32, the tokens each row may sample (bit t % 32 of word
         t // 32, all bits set for a free row)."""
-        layout = self.layout_for(batch, constrained=bitmask is not None)
+        layout = self.layout_for(batch)
         ints, floats = self.prepare(batch, layout)
         if bitmask is None:
             self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
