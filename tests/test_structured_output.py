@@ -87,9 +87,10 @@ def test_lark_grammar_output_is_accepted_by_llguidance(llm):
 
 def test_constrained_greedy_is_the_argmax_of_the_allowed_tokens_of_the_reference_logits(
         llm, model_dir):
+    """...and its logprobs are the model's raw distribution's, as vLLM returns them."""
     so = StructuredOutputs(json=ITEM)
     prompt = llm.get_tokenizer().encode("The quick brown fox")
-    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so, logprobs=0)
     out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
     jsonschema.validate(json.loads(out.text), ITEM)
     with torch.no_grad():
@@ -100,8 +101,10 @@ def test_constrained_greedy_is_the_argmax_of_the_allowed_tokens_of_the_reference
     for i, token in enumerate(out.token_ids):
         llg_np.fill_next_token_bitmask(matcher, mask)
         allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
-        expected = int(np.argmax(np.where(allowed, logits[len(prompt) - 1 + i], -np.inf)))
-        assert token == expected, i
+        row = logits[len(prompt) - 1 + i]
+        assert token == int(np.argmax(np.where(allowed, row, -np.inf))), i
+        raw = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert out.logprobs[i][token].logprob == pytest.approx(raw[token], abs=1e-4)
         assert matcher.consume_token(token)
 
 
