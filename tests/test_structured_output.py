@@ -41,14 +41,9 @@ def sampled(so: StructuredOutputs, n: int = 1, **kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def tiny(model_dir):
-    return model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny):
-    return LLM(model=str(tiny[0]), dtype="f32", max_model_len=256, kvcache_mem_mb=16,
-               max_num_seqs=32)
+def llm(model_dir):  # 32 sequences: a request with n=20 runs in one step
+    return LLM(model=str(model_dir("llama")[0]), dtype="f32", max_model_len=256,
+               kvcache_mem_mb=16, max_num_seqs=32)
 
 
 def test_json_schema_outputs_parse_and_validate_on_20_seeds(llm):
@@ -91,22 +86,25 @@ def test_lark_grammar_output_is_accepted_by_llguidance(llm):
 
 
 def test_constrained_greedy_is_the_argmax_of_the_allowed_tokens_of_the_reference_logits(
-        llm, tiny):
+        llm, model_dir):
+    """...and its logprobs are the model's raw distribution's, as vLLM returns them."""
     so = StructuredOutputs(json=ITEM)
     prompt = llm.get_tokenizer().encode("The quick brown fox")
-    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so, logprobs=0)
     out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
     jsonschema.validate(json.loads(out.text), ITEM)
     with torch.no_grad():
-        logits = tiny[1](torch.tensor([prompt + out.token_ids])).logits[0].float().numpy()
+        logits = model_dir("llama")[1](torch.tensor([prompt + out.token_ids])).logits[0].float().numpy()
     matcher = llm.llm_engine.structured.matchers(so, 1)[0]
     vocab = logits.shape[1]
     mask = llg_np.allocate_token_bitmask(1, vocab)
     for i, token in enumerate(out.token_ids):
         llg_np.fill_next_token_bitmask(matcher, mask)
         allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
-        expected = int(np.argmax(np.where(allowed, logits[len(prompt) - 1 + i], -np.inf)))
-        assert token == expected, i
+        row = logits[len(prompt) - 1 + i]
+        assert token == int(np.argmax(np.where(allowed, row, -np.inf))), i
+        raw = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert out.logprobs[i][token].logprob == pytest.approx(raw[token], abs=1e-4)
         assert matcher.consume_token(token)
 
 
@@ -161,8 +159,8 @@ def test_invalid_constraints_are_refused_at_add_request(llm, so, message):
     assert not engine.has_unfinished_requests()
 
 
-def test_preempted_sequences_keep_their_matcher_in_step(tiny):
-    small = LLM(model=str(tiny[0]), dtype="f32", max_model_len=128, kvcache_mem_mb=0.1,
+def test_preempted_sequences_keep_their_matcher_in_step(model_dir):
+    small = LLM(model=str(model_dir("llama")[0]), dtype="f32", max_model_len=128, kvcache_mem_mb=0.1,
                 max_num_seqs=8, page_size=16)  # 12 pages: too few for 8 sequences
     so = StructuredOutputs(json=PERSON)
     outs = small.generate([f"Request {i}: hello world!" for i in range(8)],
@@ -230,6 +228,7 @@ def test_completions_take_structured_outputs_and_the_guided_fields(client):
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"structured_outputs": {"regex": "a("}}, "structured_outputs"),
     ({"structured_outputs": {"pattern": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": "yes"}}, "structured_outputs"),
     ({"guided_grammar": "start: missing"}, "guided_grammar"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
 ])

@@ -2,6 +2,10 @@
 
     python tools/bench.py --w MODEL --num-seqs 16 --input-len 128 --output-len 128
     python tools/bench.py --model-shape llama3.1-8b --dtype bf16 --num-seqs 16 --output-len 512
+    python tools/bench.py --num-seqs 16 --json-schema tools/bench_schema.json
+
+--json-schema constrains every request to a JSON schema (structured output) and reports the
+host time the matchers take per step (the bitmask they fill, the tokens they consume).
 
 --model-shape builds a named architecture with random weights made on the device (nothing to
 download; --quant packs them in a GGUF block format). Prints a table and writes JSON.
@@ -26,7 +30,7 @@ from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
 from vllm_jax.loader import LoadedModel, to_dtype  # noqa: E402
 from vllm_jax.loader.host import host_dtype  # noqa: E402
-from vllm_jax.sampling_params import SamplingParams  # noqa: E402
+from vllm_jax.sampling_params import SamplingParams, StructuredOutputs  # noqa: E402
 
 SHAPES = {  # Hugging Face config.json fields of the named models
     "llama3.1-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
@@ -128,6 +132,24 @@ def build_engine(args) -> LLMEngine:
     return LLMEngine(cfg, loaded=loaded)
 
 
+class HostClock:
+    """Seconds spent inside each wrapped method of an object."""
+
+    def __init__(self, obj, names):
+        self.seconds = dict.fromkeys(names, 0.0)
+        for name in names:
+            setattr(obj, name, self._timed(name, getattr(obj, name)))
+
+    def _timed(self, name, fn):
+        def run(*args):
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[name] += time.perf_counter() - t
+        return run
+
+
 def main(argv=None):
     p = Parser(prog="tools/bench.py", description=__doc__.split("\n")[0])
     add_engine_args(p)
@@ -141,6 +163,8 @@ def main(argv=None):
     p.add_argument("--compare", action="store_true",
                    help="also run transformers and llama.cpp (llama-batched-bench in "
                         "$LLAMA_CPP_BIN or on PATH), where installed, on --w")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="constrain every request's output to this JSON schema")
     p.add_argument("--json", default="bench.json")
     args = p.parse_args(argv)
     if args.model_shape and args.w:
@@ -153,27 +177,32 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(100, vocab - 100, args.input_len)]
                for _ in range(args.num_seqs)]
+    so = None
+    if args.json_schema:
+        so = StructuredOutputs(json=json.loads(Path(args.json_schema).read_text()))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
-                            detokenize=False)
+                            detokenize=False, structured_outputs=so)
 
     t = time.perf_counter()
     compiles = engine.num_compiles
     # the same batch shape once, briefly: compiles the buckets the timed run uses
     warm = [[int(x) for x in rng.integers(100, vocab - 100, args.input_len)] for _ in prompts]
-    engine.generate(warm, SamplingParams(temperature=0, max_tokens=3,
-                                         ignore_eos=True, detokenize=False))
+    engine.generate(warm, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                         detokenize=False, structured_outputs=so))
     warm_s = time.perf_counter() - t
+    host = HostClock(engine.structured, ["bitmask", "advance"])
 
     t = time.perf_counter()
     for pr in prompts:
         engine.add_request(pr, params)
-    first, gen0 = None, engine.num_generated_tokens
+    first, gen0, num_steps = None, engine.num_generated_tokens, 0
     while engine.has_unfinished_requests():
         engine.step()
+        num_steps += 1
         if first is None and engine.num_generated_tokens - gen0 >= args.num_seqs:
             first = time.perf_counter()
     end = time.perf_counter()
-    generated = args.num_seqs * args.output_len
+    generated = engine.num_generated_tokens - gen0
     prefill_s = (first or end) - t
     decode_s = end - (first or t)
     decode_tps = (generated - args.num_seqs) / max(decode_s, 1e-9)
@@ -197,12 +226,16 @@ def main(argv=None):
         / max(prefill_s, 1e-9), decode_tok_s=decode_tps, total_s=end - t,
         decode_step_ms=step_ms, roofline_step_ms=roofline_ms,
         roofline_fraction=roofline_ms / step_ms, read_bandwidth_gbs=bw / 1e9,
-        weight_gib=weight_bytes / 2**30, preemptions=engine.scheduler.num_preemptions)
+        weight_gib=weight_bytes / 2**30, preemptions=engine.scheduler.num_preemptions,
+        json_schema=args.json_schema, generated=generated,
+        structured_host_step_ms={k: 1000 * v / num_steps for k, v in host.seconds.items()})
     print(f"[{args.num_seqs} requests] {generated} tokens generated in {end - t:.2f} s "
           f"(decoding throughput {decode_tps:.2f} tokens/s)")
     rows = [("prefill tok/s", f"{result['prefill_tok_s']:.1f}"),
             ("decode tok/s", f"{decode_tps:.1f}"),
             ("decode step ms", f"{step_ms:.2f}"),
+            *[(f"structured {k} ms/step", f"{v:.3f}")
+              for k, v in result["structured_host_step_ms"].items() if args.json_schema],
             ("roofline step ms", f"{roofline_ms:.2f} ({100 * result['roofline_fraction']:.0f}%)"),
             ("read bandwidth GB/s", f"{bw / 1e9:.1f}"),
             ("warm-up (compile) s", f"{warm_s:.1f}"),

@@ -23,6 +23,7 @@ _EXPORTS = {
     "PoolingParams": "vllm_jax.pooling_params",
     "RequestOutput": "vllm_jax.api",
     "SamplingParams": "vllm_jax.sampling_params",
+    "StructuredOutputs": "vllm_jax.sampling_params",
     "forward_logits": "vllm_jax.api",
     "load_model": "vllm_jax.api",
 }

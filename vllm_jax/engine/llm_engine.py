@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -264,10 +265,13 @@ class LLMEngine:
         return [out]
 
     def _bitmask(self, batch: ScheduledBatch):
-        """The allowed tokens of the rows that sample this step (None: no row constrained)."""
-        return self.structured.bitmask([
-            seq.matcher if seq.num_computed_tokens + n >= seq.num_tokens else None
-            for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+        """None when no row that samples this step is constrained, else what fills their
+        allowed tokens (the runner calls it while the forward runs)."""
+        matchers = [seq.matcher if seq.num_computed_tokens + n >= seq.num_tokens else None
+                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        if not any(m is not None for m in matchers):
+            return None
+        return partial(self.structured.bitmask, matchers)
 
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])

@@ -51,7 +51,8 @@ def grammar(so: StructuredOutputs) -> str:
     if so.regex is not None:
         return llguidance.grammar_from("regex", so.regex)
     if so.choice is not None:
-        if not so.choice or not all(isinstance(c, str) for c in so.choice):
+        if not (isinstance(so.choice, list) and so.choice
+                and all(isinstance(c, str) for c in so.choice)):
             raise ValueError("choice must be a non-empty list of strings")
         return llguidance.grammar_from("choice", so.choice)
     return llguidance.grammar_from("grammar", so.grammar)  # Lark, or GBNF converted to Lark
@@ -100,12 +101,10 @@ class StructuredOutputManager:
             raise ValueError(f"invalid {_kind(so)}: {first.get_error()}")
         return [first] + [first.deep_copy() for _ in range(n - 1)]
 
-    def bitmask(self, matchers: list) -> np.ndarray | None:
+    def bitmask(self, matchers: list) -> np.ndarray:
         """[len(matchers), words] int32: each row's allowed next tokens (all bits set for a row
-        whose matcher is None); None when no row is constrained."""
+        whose matcher is None)."""
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return None
         mask = np.full((len(matchers), self.words), ALL_ALLOWED, np.int32)
         llg_np.fill_next_token_bitmask_par(self._executor, rows, mask)
         return mask

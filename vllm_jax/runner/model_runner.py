@@ -1,6 +1,8 @@
 """Runs a ScheduledBatch on the device: pad to a bucket, one transfer in, one jitted step, read back.
 
-The step is compiled once per StepLayout (bucket sizes and a few static flags). Weights travel
+The step is compiled once per StepLayout (bucket sizes and a few static flags). A step with
+constrained rows (structured output) runs as two programs compiled per layout, the forward then
+the sampling, so the host fills the allowed-token bitmask while the forward runs. Weights travel
 as an argument and the KV cache is donated, so it is updated in place. Both go in as flat lists
 of arrays, which jit's C++ dispatch reads directly: handing it the NNX state (and the graphdef as
 a static argument) cost ~8 ms of Python hashing and flattening per step.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +90,6 @@ class StepLayout:
     logprobs: bool = False
     penalties: int = 0  # history length when any row uses penalties, else 0
     prompt_logprobs: bool = False
-    bitmask_words: int = 0  # int32 words per row of allowed-token bits when a row is constrained
 
     def int_sizes(self):
         n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
@@ -97,8 +99,6 @@ class StepLayout:
             sizes += [("history", self.num_seqs * self.penalties), ("num_prompt", self.num_seqs)]
         if self.prompt_logprobs:
             sizes.append(("targets", self.num_tokens))
-        if self.bitmask_words:
-            sizes.append(("bitmask", self.num_seqs * self.bitmask_words))
         return sizes
 
 
@@ -134,6 +134,9 @@ class ModelRunner:
         self.num_compiles = 0
         self._step = parallel.under_mesh(
             jax.jit(self._step_impl, static_argnums=(4,), donate_argnums=(1,)), mesh)
+        self._forward = parallel.under_mesh(
+            jax.jit(self._forward_impl, static_argnums=(3,), donate_argnums=(1,)), mesh)
+        self._sample = parallel.under_mesh(jax.jit(self._sample_impl, static_argnums=(4,)), mesh)
 
     def reset_kv(self):
         """A zeroed KV cache (at start, and after a failed step: the old one was donated)."""
@@ -150,36 +153,57 @@ class ModelRunner:
 
     # -- device side --------------------------------------------------------------------------
     def _step_impl(self, leaves, kv, ints, floats, layout: StepLayout):
+        self._count_compile("step", layout)
+        kv, logits, out = self._forward_pass(leaves, kv, ints, layout)
+        return kv, {**out, **self._sampling(logits, ints, floats, None, layout)}
+
+    def _forward_impl(self, leaves, kv, ints, layout: StepLayout):
+        self._count_compile("forward", layout)
+        return self._forward_pass(leaves, kv, ints, layout)
+
+    def _sample_impl(self, logits, ints, floats, bitmask, layout: StepLayout):
+        self._count_compile("sampling", layout)
+        return self._sampling(logits, ints, floats, bitmask, layout)
+
+    def _count_compile(self, what: str, layout: StepLayout):
         self.num_compiles += 1  # runs only while tracing, i.e. once per compile
-        log.debug("compiling step %s", layout)
+        log.debug("compiling %s %s", what, layout)
+
+    def _forward_pass(self, leaves, kv, ints, layout: StepLayout):
+        """-> (the updated KV cache, logits [S, V] of each row's last token, prompt logprobs)."""
         model = self.model(leaves)
         kv = list(zip(kv[0::2], kv[1::2]))
         i = _unpack(ints, layout.int_sizes())
-        f = _unpack(floats, [(n, layout.num_seqs) for n in FLOAT_FIELDS])
         s, b = layout.num_seqs, layout.max_pages
         meta = AttnMetadata(i["positions"], i["slot_mapping"], i["seq_idx"],
                             i["block_tables"].reshape(s, b), i["context_lens"])
         hidden, kv = model(i["tokens"], kv, meta, layout.decode)
         logits = model.logits(hidden[i["logits_indices"]])
+        out = {}
+        if layout.prompt_logprobs:
+            all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+            out["prompt_logprob"] = jnp.take_along_axis(all_lp, i["targets"][:, None], -1)[:, 0]
+            out["prompt_top_logprobs"], out["prompt_top_ids"] = jax.lax.top_k(all_lp, MAX_LOGPROBS)
+        return [c for pair in kv for c in pair], logits, out
+
+    def _sampling(self, logits, ints, floats, bitmask, layout: StepLayout) -> dict:
+        i = _unpack(ints, layout.int_sizes())
+        f = _unpack(floats, [(n, layout.num_seqs) for n in FLOAT_FIELDS])
+        s = layout.num_seqs
         params = SamplingArrays(f["temperature"], i["top_k"], f["top_p"], f["min_p"],
                                 f["presence"], f["frequency"], f["repetition"], i["seed"],
                                 i["step"], i["min_tokens"], i["banned"].reshape(s, MAX_BANNED))
         history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
-        bitmask = i["bitmask"].reshape(s, layout.bitmask_words) if layout.bitmask_words else None
         tokens, lp, top_ids, top_lp = sample(
             logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
             history=history, num_prompt=i.get("num_prompt"), bitmask=bitmask)
         out = {"tokens": tokens}
         if layout.logprobs:
             out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)
-        if layout.prompt_logprobs:
-            all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-            out["prompt_logprob"] = jnp.take_along_axis(all_lp, i["targets"][:, None], -1)[:, 0]
-            out["prompt_top_logprobs"], out["prompt_top_ids"] = jax.lax.top_k(all_lp, MAX_LOGPROBS)
-        return [c for pair in kv for c in pair], out
+        return out
 
     # -- host side ----------------------------------------------------------------------------
-    def layout_for(self, batch: ScheduledBatch, bitmask_words: int = 0) -> StepLayout:
+    def layout_for(self, batch: ScheduledBatch) -> StepLayout:
         seqs = batch.seqs
         if batch.decode:
             t = s = pick(self.seq_buckets, len(seqs))
@@ -194,10 +218,9 @@ class ModelRunner:
             logprobs=any(x.logprobs is not None for x in p), penalties=penalties,
             prompt_logprobs=not batch.decode and any(
                 x.prompt_logprobs is not None and q.num_computed_tokens < q.num_prompt_tokens
-                for x, q in zip(p, seqs)),
-            bitmask_words=bitmask_words)
+                for x, q in zip(p, seqs)))
 
-    def prepare(self, batch: ScheduledBatch, layout: StepLayout, bitmask=None):
+    def prepare(self, batch: ScheduledBatch, layout: StepLayout):
         s, b = layout.num_seqs, layout.max_pages
         oob = self.num_pages * self.page_size
         a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
@@ -245,22 +268,25 @@ class ModelRunner:
                 history[row, :seq.num_tokens] = seq.token_ids
                 a["num_prompt"][row] = seq.num_prompt_tokens
             off += n
-        if layout.bitmask_words:
-            rows = a["bitmask"].reshape(s, layout.bitmask_words)
-            rows[:] = -1  # padding rows: all allowed
-            rows[:len(bitmask)] = bitmask
         ints = np.concatenate([a[name] for name, _ in layout.int_sizes()])
         floats = np.concatenate([fl[n] for n in FLOAT_FIELDS])
         return ints, floats
 
-    def run(self, batch: ScheduledBatch, bitmask: np.ndarray | None = None) -> dict:
+    def run(self, batch: ScheduledBatch, bitmask: Callable[[], np.ndarray] | None = None) -> dict:
         """Dispatch the step; returns device arrays (read them with jax.device_get).
-        `bitmask` [len(batch.seqs), words] int32: the tokens each row may sample (bit t % 32
-        of word t // 32), or None when no row is constrained."""
-        layout = self.layout_for(batch, 0 if bitmask is None else bitmask.shape[1])
-        ints, floats = self.prepare(batch, layout, bitmask)
-        self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
-        return out
+        `bitmask`, when some row is constrained, is called while the forward runs: it returns
+        [len(batch.seqs), words] int32, the tokens each row may sample (bit t % 32 of word
+        t // 32, all bits set for a free row)."""
+        layout = self.layout_for(batch)
+        ints, floats = self.prepare(batch, layout)
+        if bitmask is None:
+            self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
+            return out
+        self.kv, logits, out = self._forward(self.leaves, self.kv, ints, layout)
+        rows = bitmask()
+        padded = np.full((layout.num_seqs, rows.shape[1]), -1, np.int32)
+        padded[:len(rows)] = rows
+        return {**out, **self._sample(logits, ints, floats, padded, layout)}
 
     def warmup(self):
         """Compile every bucket the scheduler can produce (decode greedy and sampled)."""
