@@ -27,6 +27,7 @@ from vllm_jax import models  # noqa: E402
 from vllm_jax.args import Parser, add_engine_args, engine_config, positive  # noqa: E402
 from vllm_jax.config import ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
+from vllm_jax.kernels import backend as kernel_backend  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
 from vllm_jax.loader import LoadedModel, to_dtype  # noqa: E402
 from vllm_jax.loader.host import host_dtype  # noqa: E402
@@ -69,6 +70,7 @@ class RandomTokenizer:
     """Stands in for a tokenizer when weights are random (requests are token ids, not detokenized)."""
     eos_token_ids: list[int] = []
     chat_template = None
+    vocab_size = 0  # the model's vocabulary is the one that counts
 
 
 def weight_shapes(cls, cfg: ModelConfig, dtype, quant: str | None) -> dict:
@@ -80,13 +82,18 @@ def weight_shapes(cls, cfg: ModelConfig, dtype, quant: str | None) -> dict:
         if len(shape) == 1:
             shapes[spec.name] = jax.ShapeDtypeStruct(shape, host_dtype(spec, dtype))
         elif quant and spec.quantize and q.can_quantize(shape, quant):
-            sample = q.repack(q.quantize(np.zeros((1, shape[-1]), np.float32), quant))
-            shapes[spec.name] = q.PackedWeight(quant, shape[-1], {
-                name: jax.ShapeDtypeStruct(shape[:-1] + a.shape[1:], a.dtype)
-                for name, a in sample.items()})
+            shapes[spec.name] = packed_shape(quant, shape)
         else:
             shapes[spec.name] = jax.ShapeDtypeStruct(shape, dtype)
     return shapes
+
+
+def packed_shape(qtype: str, shape: tuple) -> q.PackedWeight:
+    """A [..., rows, cols] matrix packed in `qtype`, its fields as jax.ShapeDtypeStructs."""
+    sample = q.repack(q.quantize(np.zeros((1, shape[-1]), np.float32), qtype))
+    return q.PackedWeight(qtype, shape[-1], {
+        name: jax.ShapeDtypeStruct(tuple(shape[:-1]) + a.shape[1:], a.dtype)
+        for name, a in sample.items()})
 
 
 def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 0):
@@ -148,6 +155,13 @@ def build_engine(args) -> LLMEngine:
     loaded = LoadedModel(mcfg, cls(mcfg, weights, dtype, cfg.backends()), RandomTokenizer(),
                          args.model_shape, nbytes)
     return LLMEngine(cfg, loaded=loaded)
+
+
+def kernels_used(backends: kernel_backend.Backends) -> dict:
+    """Each kernel family's backend, and the Pallas kernels that fell back to XLA."""
+    return dict(attention=kernel_backend.resolve(backends.attention),
+                matmul=kernel_backend.resolve(backends.matmul),
+                fell_back_to_xla=kernel_backend.fallen_back())
 
 
 class HostClock:
@@ -237,6 +251,7 @@ def main(argv=None):
     result = dict(
         model=args.model_shape or engine.loaded.path, backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, dtype=args.dtype,
+        kernels=kernels_used(engine.config.backends()),
         kv_cache_dtype=str(engine.runner.kv[0].dtype),
         quant=args.quant, num_seqs=args.num_seqs, input_len=args.input_len,
         output_len=args.output_len, load_s=load_s, warmup_s=warm_s,

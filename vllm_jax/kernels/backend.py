@@ -75,6 +75,11 @@ def lowering_only():
         _lowering_only = before
 
 
+def fallen_back() -> list[str]:
+    """The kernels that failed to compile and run on the XLA path."""
+    return sorted(_fallen_back)
+
+
 def pallas_compiles(kernel: str, fn, args: tuple, static: tuple = ()) -> bool:
     """Whether `fn(*args)` (a Pallas kernel closed over its `static` arguments) compiles at the
     shapes of `args`; the first failure of `kernel` logs one warning and answers False for every
