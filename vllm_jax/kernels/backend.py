@@ -7,7 +7,7 @@ quantized matmuls, each on its own or both by one name.
   pallas_interpret  the Pallas kernels run by the interpreter (tests on the CPU)
 
 A Pallas kernel that fails to lower or compile never stops the engine: before its first use at
-a shape it is compiled on its own (`pallas_compiles`); the first failure logs one warning and
+a shape it is compiled on its own (`pallas_runs`); the first failure logs one warning and
 that kernel runs on the XLA path from then on. Inside `lowering_only()` (exporting for another
 platform) nothing is compiled, so the kernels are lowered as chosen.
 """
@@ -80,14 +80,16 @@ def fallen_back() -> list[str]:
     return sorted(_fallen_back)
 
 
-def pallas_compiles(kernel: str, fn, args: tuple, static: tuple = ()) -> bool:
-    """Whether `fn(*args)` (a Pallas kernel closed over its `static` arguments) compiles at the
-    shapes of `args`; the first failure of `kernel` logs one warning and answers False for every
-    shape from then on. Callable while tracing: only shapes and dtypes are used."""
+def pallas_runs(name: str, kernel: str, fn, args: tuple, static: tuple = ()) -> bool:
+    """Whether the Pallas `kernel` runs on resolved backend `name` ("pallas" or
+    "pallas_interpret") at the shapes of `args`: the interpreter always does; the Triton kernel
+    where `fn(*args)` (the kernel closed over its `static` arguments) compiles. The first failure
+    of `kernel` logs one warning and answers False for every shape from then on. Callable while
+    tracing: only shapes and dtypes are used."""
+    if name == "pallas_interpret" or _lowering_only:
+        return True
     if kernel in _fallen_back:
         return False
-    if _lowering_only:
-        return True
     avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     key = (kernel, static, jax.tree.structure(avals), tuple(jax.tree.leaves(avals)))
     if key in _compiled:

@@ -49,12 +49,12 @@ def grouped_qmatmul(xs, fields: dict, group_sizes, qtype: str, cols: int, *,
         from vllm_jax.kernels import cpu
 
         y = cpu.grouped_qmatmul(xs, fields, qtype, group_sizes)
-    elif name in ("pallas", "pallas_interpret") and _pallas_runs(name, xs, fields, group_sizes,
-                                                                 qtype, cols):
-        from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
-
-        y = grouped_fused_qmatmul(xs, fields, group_sizes, qtype, cols,
-                                  interpret=name == "pallas_interpret")
+    elif name in ("pallas", "pallas_interpret") and kernel_backend.pallas_runs(
+            name, "grouped dequant-matmul",
+            lambda x, f, g: _grouped_fused_qmatmul(x, f, g, qtype, cols),
+            (xs, fields, group_sizes), (qtype, cols)):
+        y = _grouped_fused_qmatmul(xs, fields, group_sizes, qtype, cols,
+                                   interpret=name == "pallas_interpret")
     else:
         e, rows = next(iter(fields.values())).shape[:2]
         flat = {k: v.reshape(e * rows, *v.shape[2:]) for k, v in fields.items()}
@@ -63,10 +63,7 @@ def grouped_qmatmul(xs, fields: dict, group_sizes, qtype: str, cols: int, *,
     return y.astype(xs.dtype)
 
 
-def _pallas_runs(name: str, xs, fields: dict, group_sizes, qtype: str, cols: int) -> bool:
-    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
-    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
+def _grouped_fused_qmatmul(*args, **kwargs):
+    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul  # Pallas only where it runs
 
-    return name == "pallas_interpret" or kernel_backend.pallas_compiles(
-        "grouped dequant-matmul", lambda x, f, g: grouped_fused_qmatmul(x, f, g, qtype, cols),
-        (xs, fields, group_sizes), (qtype, cols))
+    return grouped_fused_qmatmul(*args, **kwargs)

@@ -210,9 +210,8 @@ def prefill(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens,
 
 
 def _pallas_runs(name: str, kernel: str, fn, args, static: dict) -> bool:
-    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
-    return name == "pallas_interpret" or kernel_backend.pallas_compiles(
-        kernel, functools.partial(fn, **static), args, tuple(static.items()))
+    return kernel_backend.pallas_runs(name, kernel, functools.partial(fn, **static), args,
+                                      tuple(static.items()))
 
 
 # -- Pallas kernels -------------------------------------------------------------------------------

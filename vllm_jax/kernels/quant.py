@@ -242,10 +242,10 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
         from vllm_jax.kernels import cpu
 
         y = cpu.qmatmul(x2, fields, qtype)
-    elif backend != "xla" and _pallas_runs(backend, x2, fields, qtype, cols):
-        from vllm_jax.kernels.quant_pallas import fused_qmatmul
-
-        y = fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
+    elif backend != "xla" and kernel_backend.pallas_runs(
+            backend, "dequant-matmul", lambda x2, f: _fused_qmatmul(x2, f, qtype, cols),
+            (x2, fields), (qtype, cols)):
+        y = _fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
     else:
         w = dequantize(fields, qtype, cols, dtype=x.dtype)
         y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),
@@ -253,13 +253,10 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
     return y.astype(x.dtype).reshape(*x.shape[:-1], rows)
 
 
-def _pallas_runs(backend: str, x2, fields: dict, qtype: str, cols: int) -> bool:
-    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
-    from vllm_jax.kernels.quant_pallas import fused_qmatmul
+def _fused_qmatmul(*args, **kwargs):
+    from vllm_jax.kernels.quant_pallas import fused_qmatmul  # Pallas only where it runs
 
-    return backend == "pallas_interpret" or kernel_backend.pallas_compiles(
-        "dequant-matmul", lambda x2, f: fused_qmatmul(x2, f, qtype, cols), (x2, fields),
-        (qtype, cols))
+    return fused_qmatmul(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
