@@ -49,14 +49,21 @@ def grouped_qmatmul(xs, fields: dict, group_sizes, qtype: str, cols: int, *,
         from vllm_jax.kernels import cpu
 
         y = cpu.grouped_qmatmul(xs, fields, qtype, group_sizes)
-    elif name in ("pallas", "pallas_interpret"):
-        from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
-
-        y = grouped_fused_qmatmul(xs, fields, group_sizes, qtype, cols,
-                                  interpret=name == "pallas_interpret")
+    elif name in ("pallas", "pallas_interpret") and kernel_backend.pallas_runs(
+            name, "grouped dequant-matmul",
+            lambda x, f, g: _grouped_fused_qmatmul(x, f, g, qtype, cols),
+            (xs, fields, group_sizes), (qtype, cols)):
+        y = _grouped_fused_qmatmul(xs, fields, group_sizes, qtype, cols,
+                                   interpret=name == "pallas_interpret")
     else:
         e, rows = next(iter(fields.values())).shape[:2]
         flat = {k: v.reshape(e * rows, *v.shape[2:]) for k, v in fields.items()}
         w = quant.dequantize(flat, qtype, cols, xs.dtype).reshape(e, rows, cols)
         y = grouped_matmul(xs, w, group_sizes)
     return y.astype(xs.dtype)
+
+
+def _grouped_fused_qmatmul(*args, **kwargs):
+    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul  # Pallas only where it runs
+
+    return grouped_fused_qmatmul(*args, **kwargs)
