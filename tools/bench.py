@@ -69,6 +69,23 @@ class RandomTokenizer:
     """Stands in for a tokenizer when weights are random (requests are token ids, not detokenized)."""
     eos_token_ids: list[int] = []
     chat_template = None
+    vocab_size = 0  # the model's decides (engine/structured.py takes the larger)
+
+
+def random_fields(key, qtype: str, shape) -> dict:
+    """`quant.repack` fields of a [..., rows, cols] matrix made on the device: random quant bits,
+    small positive float16 scales (the layout comes from packing one host row)."""
+    sample = q.repack(q.quantize(np.random.default_rng(0).normal(
+        size=(1, shape[-1])).astype(np.float32) * 0.02, qtype))
+    fields = {}
+    for j, (name, a) in enumerate(sample.items()):
+        k, fshape = jax.random.fold_in(key, j), tuple(shape[:-1]) + a.shape[1:]
+        if np.issubdtype(a.dtype, np.floating):
+            fields[name] = jax.random.uniform(k, fshape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
+        else:  # bits come unsigned; int8 fields take them bit for bit
+            bits = jax.random.bits(k, fshape, np.dtype(f"u{a.dtype.itemsize}"))
+            fields[name] = jax.lax.bitcast_convert_type(bits, a.dtype)
+    return fields
 
 
 def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 0):
@@ -81,24 +98,15 @@ def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 
         if len(shape) == 1:
             weights[spec.name] = jnp.ones(shape, host_dtype(spec, dtype))
         elif quant and spec.quantize and q.can_quantize(shape, quant):
-            sample = q.repack(q.quantize(np.random.default_rng(0).normal(
-                size=(1, shape[-1])).astype(np.float32) * 0.02, quant))
-            fields = {}
-            for j, (fname, a) in enumerate(sample.items()):
-                fk, fshape = jax.random.fold_in(k, j), shape[:-1] + a.shape[1:]
-                if np.issubdtype(a.dtype, np.floating):
-                    fields[fname] = jax.random.uniform(fk, fshape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
-                else:
-                    fields[fname] = jax.random.bits(fk, fshape, a.dtype)
-            weights[spec.name] = q.PackedWeight(quant, shape[-1], fields)
+            weights[spec.name] = q.PackedWeight(quant, shape[-1], random_fields(k, quant, shape))
         else:
             weights[spec.name] = (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
     return weights
 
 
-def measure_bandwidth() -> float:
+def measure_bandwidth(nbytes: int | None = None) -> float:
     """Device read bandwidth in bytes/s: a sum over an array far larger than any cache."""
-    n = 2**30 if jax.default_backend() != "cpu" else 512 * 2**20
+    n = nbytes or (2**30 if jax.default_backend() != "cpu" else 512 * 2**20)
     x = jnp.ones((n // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
