@@ -1,5 +1,5 @@
-"""Inputs for the kernel checks: paged caches whose unused slots are NaN, ragged decode and
-prefill batches, GGUF-quantized matrices, and the shapes of the models the GPU run is about.
+"""Inputs for the kernel checks: ragged decode and prefill batches over poisoned paged caches
+(kernels/check_inputs.py), GGUF-quantized matrices, and the shapes of the models the GPU run is about.
 
 Every builder is host numpy with a seeded generator, so a failing case can be rebuilt exactly
 from the name and numbers the report prints.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vllm_jax.kernels import quant
+from vllm_jax.kernels.check_inputs import poisoned_cache, ragged_chunks
 
 GGUF_TYPES = tuple(quant.QTYPES)
 
@@ -48,22 +49,9 @@ class PagedBatch:
     positions: np.ndarray  # [tokens] (prefill)
 
 
-def _poisoned_cache(rng, shape: AttnShape, context_lens, spare_pages=3):
-    kvh, hd = shape.kv_heads, shape.head_dim
-    need = [-(-c // PAGE_SIZE) for c in context_lens]
-    num_pages = sum(need) + spare_pages
-    tables = rng.integers(0, num_pages, (len(context_lens), max(need) + 2)).astype(np.int32)
-    k = np.full((kvh, num_pages, PAGE_SIZE, hd), np.nan, np.float32)
-    v = k.copy()
-    order, used = rng.permutation(num_pages), 0
-    for row, (ctx, n) in enumerate(zip(context_lens, need)):
-        tables[row, :n] = order[used:used + n]
-        used += n
-        pos = np.arange(ctx)
-        pages, offsets = tables[row, pos // PAGE_SIZE], pos % PAGE_SIZE
-        k[:, pages, offsets] = rng.standard_normal((kvh, ctx, hd))
-        v[:, pages, offsets] = rng.standard_normal((kvh, ctx, hd))
-    return k, v, tables
+def _poisoned_cache(rng, shape: AttnShape, context_lens):
+    max_pages = max(-(-c // PAGE_SIZE) for c in context_lens) + 2
+    return poisoned_cache(rng, shape.kv_heads, shape.head_dim, PAGE_SIZE, context_lens, max_pages)
 
 
 def decode_batch(seed: int, shape: AttnShape, context_lens) -> PagedBatch:
@@ -77,17 +65,10 @@ def decode_batch(seed: int, shape: AttnShape, context_lens) -> PagedBatch:
 
 
 def prefill_batch(seed: int, shape: AttnShape, context_lens, new_tokens, pad_to: int) -> PagedBatch:
-    """Each row's last new_tokens positions as one chunk over its cached context, then padding
-    tokens as the runner writes them (the last row, position 0)."""
+    """A prefill step of `check_inputs.ragged_chunks`, padded to pad_to tokens."""
     rng = np.random.default_rng(seed)
     k, v, tables = _poisoned_cache(rng, shape, context_lens)
-    seq_idx = np.full(pad_to, len(context_lens) - 1, np.int32)
-    positions = np.zeros(pad_to, np.int32)
-    off = 0
-    for row, (ctx, n) in enumerate(zip(context_lens, new_tokens)):
-        seq_idx[off:off + n] = row
-        positions[off:off + n] = np.arange(ctx - n, ctx)
-        off += n
+    seq_idx, positions = ragged_chunks(context_lens, new_tokens, pad_to)
     q = rng.standard_normal((pad_to, shape.heads, shape.head_dim)).astype(np.float32)
     return PagedBatch(q, k, v, tables, np.asarray(context_lens, np.int32), seq_idx, positions)
 
