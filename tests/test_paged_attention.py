@@ -199,20 +199,3 @@ def test_model_attention_uses_the_configured_backend():
     np.testing.assert_allclose(outs[1], outs[0], **TOL)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernels_lower_for_triton_without_a_gpu(dtype):
-    # Lowering for CUDA runs the Pallas Triton lowering (power-of-two shapes, dot tile sizes,
-    # supported primitives) on the CPU too. Llama-like shapes: 32 heads over 8 KV heads.
-    kvh, h, hd, ps, s, t = 8, 32, 128, 16, 8, 128
-    cache = jax.ShapeDtypeStruct((kvh, 64, ps, hd), dtype)
-    tables, lens = jax.ShapeDtypeStruct((s, 32), jnp.int32), jax.ShapeDtypeStruct((s,), jnp.int32)
-    tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
-    for fn, args in [
-        (pa.decode_attention_pallas,
-         (jax.ShapeDtypeStruct((s, h, hd), dtype), cache, cache, tables, lens)),
-        (pa.prefill_attention_pallas,
-         (jax.ShapeDtypeStruct((t, h, hd), dtype), cache, cache, tokens, tokens, tables, lens)),
-    ]:
-        f = jax.jit(functools.partial(fn, scale=SCALE, sliding_window=100))
-        text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "triton" in text

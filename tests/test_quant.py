@@ -180,23 +180,6 @@ def test_pallas_interpret_multi_tile_grid_in_bfloat16():
                                rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
 
 
-def test_pallas_kernel_lowers_to_triton_for_every_type():
-    """Lowers (without a GPU) through the Pallas Triton lowering for CUDA: catches ops that the
-    GPU lowering lacks before anyone reaches a GPU. Compiling the Triton IR still needs one."""
-    pytest.importorskip("jax.experimental.pallas.triton")
-    from jax import export
-
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for qtype in ALL:
-        cols = 512
-        fields = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                  for k, v in repack(random_raw(qtype, 48, cols // QTYPES[qtype][0])).items()}
-        x = jax.ShapeDtypeStruct((5, cols), jnp.bfloat16)
-        fn = jax.jit(lambda x, f: qmatmul(x, f, qtype, cols, backend="pallas"))
-        exported = export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, fields)
-        assert "xla.gpu.triton" in exported.mlir_module(), qtype
-
-
 def stacked_experts(qtype, n_experts, rows, cols, seed):
     """E random experts -> (stacked fields [E, rows, ...], gguf-py weights [E, rows, cols] f64)."""
     qts = [random_raw(qtype, rows, cols // QTYPES[qtype][0], seed=seed + e)
@@ -250,25 +233,6 @@ def test_grouped_layout_gives_decode_tiles_only_to_chosen_experts():
             real = np.arange(tokens) < sizes.sum()
             np.testing.assert_array_equal(src[dest[real]], np.arange(tokens)[real])
             assert (dest[~real] == tiles * 16).all()
-
-
-def test_grouped_pallas_kernel_lowers_to_triton():
-    pytest.importorskip("jax.experimental.pallas.triton")
-    from jax import export
-
-    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
-
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for qtype in ("q4_0", "q4_k", "q6_k"):
-        cols, n_experts = 512, 6
-        fields = {k: jax.ShapeDtypeStruct((n_experts, *v.shape), v.dtype)
-                  for k, v in repack(random_raw(qtype, 48, cols // QTYPES[qtype][0])).items()}
-        x = jax.ShapeDtypeStruct((37, cols), jnp.bfloat16)
-        sizes = jax.ShapeDtypeStruct((n_experts,), jnp.int32)
-        fn = jax.jit(lambda x, f, g: grouped_fused_qmatmul(x, f, g, qtype, cols))
-        exported = export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, fields, sizes)
-        assert "xla.gpu.triton" in exported.mlir_module(), qtype
-        assert exported.out_avals[0].shape == (37, 48)
 
 
 def test_auto_backend_on_cpu_is_xla():

@@ -27,6 +27,7 @@ from vllm_jax import models  # noqa: E402
 from vllm_jax.args import Parser, add_engine_args, engine_config, positive  # noqa: E402
 from vllm_jax.config import ModelConfig  # noqa: E402
 from vllm_jax.engine.llm_engine import LLMEngine  # noqa: E402
+from vllm_jax.kernels import backend as kernel_backend  # noqa: E402
 from vllm_jax.kernels import quant as q  # noqa: E402
 from vllm_jax.loader import LoadedModel, to_dtype  # noqa: E402
 from vllm_jax.loader.host import host_dtype  # noqa: E402
@@ -69,39 +70,61 @@ class RandomTokenizer:
     """Stands in for a tokenizer when weights are random (requests are token ids, not detokenized)."""
     eos_token_ids: list[int] = []
     chat_template = None
-    vocab_size = 0  # the model's decides (engine/structured.py takes the larger)
+    vocab_size = 0  # the model's vocabulary is the one that counts
 
 
-def random_fields(key, qtype: str, shape) -> dict:
-    """`quant.repack` fields of a [..., rows, cols] matrix made on the device: random quant bits,
-    small positive float16 scales (the layout comes from packing one host row)."""
-    sample = q.repack(q.quantize(np.random.default_rng(0).normal(
-        size=(1, shape[-1])).astype(np.float32) * 0.02, qtype))
-    fields = {}
-    for j, (name, a) in enumerate(sample.items()):
-        k, fshape = jax.random.fold_in(key, j), tuple(shape[:-1]) + a.shape[1:]
-        if np.issubdtype(a.dtype, np.floating):
-            fields[name] = jax.random.uniform(k, fshape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
-        else:  # bits come unsigned; int8 fields take them bit for bit
-            bits = jax.random.bits(k, fshape, np.dtype(f"u{a.dtype.itemsize}"))
-            fields[name] = jax.lax.bitcast_convert_type(bits, a.dtype)
-    return fields
+def weight_shapes(cls, cfg: ModelConfig, dtype, quant: str | None) -> dict:
+    """The model's declared weights as jax.ShapeDtypeStructs, nothing allocated (lowering needs
+    only these); quantized matrices as a PackedWeight of their fields' shapes."""
+    shapes = {}
+    for spec in cls.weights(cfg):
+        shape = spec.shape
+        if len(shape) == 1:
+            shapes[spec.name] = jax.ShapeDtypeStruct(shape, host_dtype(spec, dtype))
+        elif quant and spec.quantize and q.can_quantize(shape, quant):
+            shapes[spec.name] = packed_shape(quant, shape)
+        else:
+            shapes[spec.name] = jax.ShapeDtypeStruct(shape, dtype)
+    return shapes
+
+
+def packed_shape(qtype: str, shape: tuple) -> q.PackedWeight:
+    """A [..., rows, cols] matrix packed in `qtype`, its fields as jax.ShapeDtypeStructs."""
+    sample = q.repack(q.quantize(np.zeros((1, shape[-1]), np.float32), qtype))
+    return q.PackedWeight(qtype, shape[-1], {
+        name: jax.ShapeDtypeStruct(tuple(shape[:-1]) + a.shape[1:], a.dtype)
+        for name, a in sample.items()})
 
 
 def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 0):
-    """The model's declared weights made on the device; quantized matrices get random packed
-    blocks."""
+    """The model's declared weights made on the device: norms ones, dense matrices normal,
+    quantized matrices random packed blocks."""
     key = jax.random.key(seed)
     weights = {}
-    for i, spec in enumerate(cls.weights(cfg)):
-        k, shape = jax.random.fold_in(key, i), spec.shape
-        if len(shape) == 1:
-            weights[spec.name] = jnp.ones(shape, host_dtype(spec, dtype))
-        elif quant and spec.quantize and q.can_quantize(shape, quant):
-            weights[spec.name] = q.PackedWeight(quant, shape[-1], random_fields(k, quant, shape))
+    for i, (name, shape) in enumerate(weight_shapes(cls, cfg, dtype, quant).items()):
+        k = jax.random.fold_in(key, i)
+        if isinstance(shape, q.PackedWeight):
+            weights[name] = random_packed(k, shape)
+        elif len(shape.shape) == 1:
+            weights[name] = jnp.ones(shape.shape, shape.dtype)
         else:
-            weights[spec.name] = (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+            weights[name] = (jax.random.normal(k, shape.shape, jnp.float32) * 0.02).astype(dtype)
     return weights
+
+
+def random_packed(key, packed: q.PackedWeight) -> q.PackedWeight:
+    """`packed` (fields as shape structs, see packed_shape) filled on the device."""
+    return packed._replace(fields={f: random_field(jax.random.fold_in(key, j), a)
+                                   for j, (f, a) in enumerate(packed.fields.items())})
+
+
+def random_field(key, a: jax.ShapeDtypeStruct):
+    """Random bits, or small positive scales for a packed weight's float fields."""
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jax.random.uniform(key, a.shape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
+    # jax.random.bits makes unsigned ints only; int8 fields (q8_0, q3_k, q6_k) take them bitcast
+    bits = jax.random.bits(key, a.shape, np.dtype(f"u{np.dtype(a.dtype).itemsize}"))
+    return jax.lax.bitcast_convert_type(bits, a.dtype)
 
 
 def measure_bandwidth(nbytes: int | None = None) -> float:
@@ -135,9 +158,16 @@ def build_engine(args) -> LLMEngine:
     jax.block_until_ready(weights)
     print(f"random weights: {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)
-    loaded = LoadedModel(mcfg, cls(mcfg, weights, dtype, cfg.kernel_backend), RandomTokenizer(),
+    loaded = LoadedModel(mcfg, cls(mcfg, weights, dtype, cfg.backends()), RandomTokenizer(),
                          args.model_shape, nbytes)
     return LLMEngine(cfg, loaded=loaded)
+
+
+def kernels_used(backends: kernel_backend.Backends) -> dict:
+    """Each kernel family's backend, and the Pallas kernels that fell back to XLA."""
+    return dict(attention=kernel_backend.resolve(backends.attention),
+                matmul=kernel_backend.resolve(backends.matmul),
+                fell_back_to_xla=kernel_backend.fallen_back())
 
 
 class HostClock:
@@ -227,6 +257,7 @@ def main(argv=None):
     result = dict(
         model=args.model_shape or engine.loaded.path, backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, dtype=args.dtype,
+        kernels=kernels_used(engine.config.backends()),
         kv_cache_dtype=str(engine.runner.kv[0].dtype),
         quant=args.quant, num_seqs=args.num_seqs, input_len=args.input_len,
         output_len=args.output_len, load_s=load_s, warmup_s=warm_s,

@@ -64,10 +64,15 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
     p.add_argument("--num-processes", type=positive(), metavar="N",
                    help="multi-host: process count")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index")
-    p.add_argument("--kernel-backend", default="auto",
-                   choices=[b for b in BACKENDS if b != "pallas_interpret"],
+    choices = [b for b in BACKENDS if b != "pallas_interpret"]
+    p.add_argument("--kernel-backend", default="auto", choices=choices,
                    help="kernels for attention and quantized matmuls (auto: pallas on GPUs, "
-                        "cpu = the C++ kernels on the CPU, xla elsewhere)")
+                        "cpu = the C++ kernels on the CPU, xla elsewhere; a Pallas kernel that "
+                        "does not compile runs on XLA, with a warning)")
+    p.add_argument("--attention-backend", choices=choices,
+                   help="paged attention's kernels (default: --kernel-backend)")
+    p.add_argument("--matmul-backend", choices=choices,
+                   help="the matmuls' kernels (default: --kernel-backend)")
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed even where only XLA's path runs")
     p.add_argument("--pooling", default="last", choices=["last", "mean"],
@@ -87,6 +92,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         device_ids=args.d, tensor_parallel_size=args.tp,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-        process_id=args.process_id, kernel_backend=args.kernel_backend, seed=args.seed,
+        process_id=args.process_id, kernel_backend=args.kernel_backend,
+        attention_backend=args.attention_backend, matmul_backend=args.matmul_backend,
+        seed=args.seed,
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching), **overrides})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_jax.kernels.backend import Backends
 from vllm_jax.models.base import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "EngineConfig", "ModelConfig"]
@@ -28,9 +29,16 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # auto | xla | cpu | pallas: attention and quantized matmuls
+    attention_backend: str | None = None  # paged attention's; None = kernel_backend
+    matmul_backend: str | None = None  # the matmuls' (packed and dense); None = kernel_backend
     pooling: str = "last"  # embeddings: last | mean of the final hidden states (vLLM: LAST)
     # GGUF weights: None = packed where a fused kernel multiplies them (Pallas on GPUs, the C++
     # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse
     # the unpacking into the matmul: 5x slower than dense there)
     keep_quantized: bool | None = None
     extra: dict = field(default_factory=dict)
+
+    def backends(self) -> Backends:
+        """Each kernel family's backend: its own switch, else kernel_backend."""
+        return Backends(self.attention_backend or self.kernel_backend,
+                        self.matmul_backend or self.kernel_backend)

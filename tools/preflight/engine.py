@@ -21,6 +21,7 @@ from preflight import record
 from vllm_jax import models
 from vllm_jax.config import EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.kernels import backend as kernel_backend
 from vllm_jax.loader import LoadedModel, to_dtype
 from vllm_jax.sampling_params import SamplingParams
 
@@ -75,9 +76,16 @@ def _compare_engines(shape: dict, dtype: str, quant: str | None, backend: str, m
     prompt_diff = max(_prompt_diff(g, w) for g, w in zip(got, want))
     gen = [_generated_diff(g.outputs[0], w.outputs[0], tol) for g, w in zip(got, want)]
     gen_diff = max(d for _, d, _ in gen)
-    return dict(prompt_logprob_diff=prompt_diff, gen_logprob_diff=gen_diff,
-                tokens_compared=[n for n, _, _ in gen], tol=tol,
-                ok=prompt_diff <= tol and gen_diff <= tol and all(ok for _, _, ok in gen))
+    row = dict(prompt_logprob_diff=prompt_diff, gen_logprob_diff=gen_diff,
+               tokens_compared=[n for n, _, _ in gen], tol=tol,
+               ok=prompt_diff <= tol and gen_diff <= tol and all(ok for _, _, ok in gen))
+    return {**row, **_fallback_failure(kernel_backend.fallen_back())}
+
+
+def _fallback_failure(fell) -> dict:
+    """A Pallas kernel that failed to compile runs as XLA (kernels/backend.py): then the run
+    compared XLA with itself, or timed XLA, and must not pass as a Pallas result."""
+    return dict(ok=False, error=f"Pallas kernels fell back to XLA: {fell}") if fell else {}
 
 
 def engine(ctx) -> list[dict]:
@@ -98,7 +106,7 @@ GPU_BENCH = ("--model-shape", "llama3.1-8b", "--dtype", "bf16", "--num-seqs", "1
 CPU_BENCH = ("--model-shape", "smollm2-135m", "--layers", "1", "--dtype", "f32",
              "--num-seqs", "2", "--input-len", "8", "--output-len", "4", "--max-model-len", "32",
              "--kvmem", "16", "--kernel-backend", "xla")
-BENCH_KEYS = ("model", "device", "num_seqs", "decode_tok_s", "decode_step_ms", "roofline_step_ms",
+BENCH_KEYS = ("model", "device", "kernels", "num_seqs", "decode_tok_s", "decode_step_ms", "roofline_step_ms",
               "roofline_fraction", "read_bandwidth_gbs", "warmup_s", "compiles")
 
 
@@ -111,8 +119,9 @@ def _bench(args: tuple[str, ...], timeout: float) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}:\n{tail}")
         result = json.loads(out.read_text())
-    return {**{k: result.get(k) for k in BENCH_KEYS}, "command": shlex.join(cmd),
-            "bench_json": result}
+    row = {**{k: result.get(k) for k in BENCH_KEYS}, "command": shlex.join(cmd),
+           "bench_json": result}
+    return {**row, **_fallback_failure((result.get("kernels") or {}).get("fell_back_to_xla"))}
 
 
 def bench(ctx) -> list[dict]:

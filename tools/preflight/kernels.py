@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import packed_shape
 from preflight import cases, record
 from preflight.cases import LLAMA_8B, PAGE_SIZE, QWEN3_06B, AttnShape
 from vllm_jax.kernels import moe, quant
@@ -32,8 +33,7 @@ def _struct(shape, dtype):
 
 def field_structs(qtype: str, rows: int, cols: int, lead=()) -> dict:
     """Shape structs of `quant.repack`'s fields for a [*lead, rows, cols] matrix."""
-    sample = quant.repack(quant.quantize(np.zeros((1, cols), np.float32), qtype))
-    return {k: _struct((*lead, rows, *a.shape[1:]), a.dtype) for k, a in sample.items()}
+    return packed_shape(qtype, (*lead, rows, cols)).fields
 
 
 # -- stage 2: lowering --------------------------------------------------------------------------

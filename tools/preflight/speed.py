@@ -16,11 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench import measure_bandwidth, random_fields
+from bench import measure_bandwidth, packed_shape, random_packed
 from preflight import cases, record
 from preflight.cases import LLAMA_8B, PAGE_SIZE, TINY
 from vllm_jax.kernels import paged_attention as pa
 from vllm_jax.kernels import quant
+from vllm_jax.kernels.quant_pallas import fused_qmatmul
 
 SCALE = 0.125
 
@@ -85,11 +86,11 @@ def _matmul_rows(rows, ctx, bandwidth):
               [(cases.QWQ_INTERMEDIATE, cases.QWQ_HIDDEN), (cases.QWQ_HIDDEN, cases.QWQ_INTERMEDIATE)])
     token_counts = (16,) if ctx.cpu else (1, 16, 256)
     for r, c in shapes:
-        fields = random_fields(jax.random.key(r), qtype, (r, c))
+        fields = random_packed(jax.random.key(r), packed_shape(qtype, (r, c))).fields
         dense = jax.random.normal(jax.random.key(c), (r, c), jnp.bfloat16) * 0.02
-        impls = {
-            "pallas": (jax.jit(functools.partial(quant.qmatmul, qtype=qtype, cols=c,
-                                                 backend=ctx.backend)), fields,
+        impls = {  # the kernel itself, not quant.qmatmul: that may fall back to XLA
+            "pallas": (jax.jit(functools.partial(fused_qmatmul, qtype=qtype, cols=c,
+                                                 interpret=ctx.interpret)), fields,
                        quant.nbytes(fields)),
             "xla dequant": (jax.jit(functools.partial(quant.qmatmul, qtype=qtype, cols=c,
                                                       backend="xla")), fields,

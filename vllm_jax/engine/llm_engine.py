@@ -62,7 +62,7 @@ class LLMEngine:
         self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
         if loaded is None:  # a `loaded` handed in must already sit on self.mesh
             loaded = load(resolve_model_path(config.model_path), config.dtype, mesh=self.mesh,
-                          quant=config.quant, backend=config.kernel_backend,
+                          quant=config.quant, backend=config.backends(),
                           keep_quantized=config.keep_quantized,
                           max_model_len=config.max_model_len)
         self.loaded = loaded

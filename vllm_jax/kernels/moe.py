@@ -49,7 +49,8 @@ def grouped_qmatmul(xs, fields: dict, group_sizes, qtype: str, cols: int, *,
         from vllm_jax.kernels import cpu
 
         y = cpu.grouped_qmatmul(xs, fields, qtype, group_sizes)
-    elif name in ("pallas", "pallas_interpret"):
+    elif name in ("pallas", "pallas_interpret") and _pallas_runs(name, xs, fields, group_sizes,
+                                                                 qtype, cols):
         from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
 
         y = grouped_fused_qmatmul(xs, fields, group_sizes, qtype, cols,
@@ -60,3 +61,12 @@ def grouped_qmatmul(xs, fields: dict, group_sizes, qtype: str, cols: int, *,
         w = quant.dequantize(flat, qtype, cols, xs.dtype).reshape(e, rows, cols)
         y = grouped_matmul(xs, w, group_sizes)
     return y.astype(xs.dtype)
+
+
+def _pallas_runs(name: str, xs, fields: dict, group_sizes, qtype: str, cols: int) -> bool:
+    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
+    from vllm_jax.kernels.quant_pallas import grouped_fused_qmatmul
+
+    return name == "pallas_interpret" or kernel_backend.pallas_compiles(
+        "grouped dequant-matmul", lambda x, f, g: grouped_fused_qmatmul(x, f, g, qtype, cols),
+        (xs, fields, group_sizes), (qtype, cols))

@@ -180,31 +180,39 @@ def _resolve(backend: str, k_cache) -> str:
 
 def decode(q, k_cache, v_cache, block_tables, context_lens, *, scale, sliding_window=None,
            backend: str = "auto"):
-    """decode_attention on the chosen backend (XLA where "auto" cannot use Pallas)."""
+    """decode_attention on the chosen backend (XLA where "auto" cannot use Pallas, or where the
+    Pallas kernel does not compile)."""
     name = _resolve(backend, k_cache)
-    if name == "xla":
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale,
-                                sliding_window=sliding_window)
+    args = (q, k_cache, v_cache, block_tables, context_lens)
+    static = dict(scale=scale, sliding_window=sliding_window)
     if name == "cpu":
         from vllm_jax.kernels import cpu
 
-        return cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                    scale=scale, sliding_window=sliding_window)
-    return decode_attention_pallas(q, k_cache, v_cache, block_tables, context_lens, scale=scale,
-                                   sliding_window=sliding_window,
-                                   interpret=name == "pallas_interpret")
+        return cpu.decode_attention(*args, **static)
+    if name != "xla" and _pallas_runs(name, "decode attention", decode_attention_pallas, args,
+                                      static):
+        return decode_attention_pallas(*args, **static, interpret=name == "pallas_interpret")
+    return decode_attention(*args, **static)
 
 
 def prefill(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens, *, scale,
             sliding_window=None, backend: str = "auto"):
-    """prefill_attention on the chosen backend (XLA where "auto" cannot use Pallas)."""
+    """prefill_attention on the chosen backend (XLA where "auto" cannot use Pallas, or where the
+    Pallas kernel does not compile)."""
     name = _resolve(backend, k_cache)
-    if name in ("xla", "cpu"):  # no CPU prefill kernel: XLA's batched dots do well there
-        return prefill_attention(q, k_cache, v_cache, seq_idx, positions, block_tables,
-                                 context_lens, scale=scale, sliding_window=sliding_window)
-    return prefill_attention_pallas(q, k_cache, v_cache, seq_idx, positions, block_tables,
-                                    context_lens, scale=scale, sliding_window=sliding_window,
-                                    interpret=name == "pallas_interpret")
+    args = (q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens)
+    static = dict(scale=scale, sliding_window=sliding_window)
+    # no CPU prefill kernel: XLA's batched dots do well there
+    if name not in ("xla", "cpu") and _pallas_runs(name, "prefill attention",
+                                                   prefill_attention_pallas, args, static):
+        return prefill_attention_pallas(*args, **static, interpret=name == "pallas_interpret")
+    return prefill_attention(*args, **static)
+
+
+def _pallas_runs(name: str, kernel: str, fn, args, static: dict) -> bool:
+    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
+    return name == "pallas_interpret" or kernel_backend.pallas_compiles(
+        kernel, functools.partial(fn, **static), args, tuple(static.items()))
 
 
 # -- Pallas kernels -------------------------------------------------------------------------------

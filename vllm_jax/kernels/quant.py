@@ -233,25 +233,33 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
 
 
 def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto"):
-    """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend."""
+    """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend (XLA where the Pallas
+    kernel does not compile)."""
     backend = kernel_backend.resolve(backend)
     rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
-    dims = (((1,), (1,)), ((), ()))
-    if backend == "xla":
-        w = dequantize(fields, qtype, cols, dtype=x.dtype)
-        y = jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)
-    elif backend == "cpu":
+    if backend == "cpu":
         from vllm_jax.kernels import cpu
 
         y = cpu.qmatmul(x2, fields, qtype)
-    elif backend in ("pallas", "pallas_interpret"):
+    elif backend != "xla" and _pallas_runs(backend, x2, fields, qtype, cols):
         from vllm_jax.kernels.quant_pallas import fused_qmatmul
 
         y = fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
     else:
-        raise ValueError(f"unknown qmatmul backend {backend!r}")
+        w = dequantize(fields, qtype, cols, dtype=x.dtype)
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def _pallas_runs(backend: str, x2, fields: dict, qtype: str, cols: int) -> bool:
+    """The interpreter always runs; the Triton kernel where it compiles (kernels/backend.py)."""
+    from vllm_jax.kernels.quant_pallas import fused_qmatmul
+
+    return backend == "pallas_interpret" or kernel_backend.pallas_compiles(
+        "dequant-matmul", lambda x2, f: fused_qmatmul(x2, f, qtype, cols), (x2, fields),
+        (qtype, cols))
 
 
 # ---------------------------------------------------------------------------------------------

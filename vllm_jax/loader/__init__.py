@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vllm_jax import models, parallel
-from vllm_jax.kernels.backend import resolve
+from vllm_jax.kernels.backend import Backends, matmul_of, resolve
 from vllm_jax.loader import gguf
 from vllm_jax.loader import safetensors as st
 from vllm_jax.loader.host import host_dtype, progress, to_dtype
@@ -45,13 +45,14 @@ def _keep_on_host(name: str, arr):
 
 
 def load(path: str, dtype: str = "auto", place: Callable = _place_default,
-         mesh=None, quant: str | None = None, backend: str = "auto",
+         mesh=None, quant: str | None = None, backend: str | Backends = "auto",
          keep_quantized: bool | None = None, max_model_len: int | None = None) -> LoadedModel:
     """With a mesh, weights stay on the host until the config is known, then each device
     receives only its shards (vllm_jax.parallel). keep_quantized: see EngineConfig.
-    max_model_len: the longest sequence the model will run (LongRoPE picks its factors by it)."""
+    max_model_len: the longest sequence the model will run (LongRoPE picks its factors by it).
+    backend: a kernels.backend name for every kernel, or Backends."""
     jdtype = to_dtype(dtype)
-    keep_half = resolve(backend) == "cpu"
+    keep_half = resolve(matmul_of(backend)) == "cpu"
     if mesh is not None:
         place = _keep_on_host
     p = Path(path)

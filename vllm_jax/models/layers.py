@@ -20,6 +20,7 @@ from flax import nnx
 
 from vllm_jax import parallel
 from vllm_jax.kernels import backend as kernel_backend
+from vllm_jax.kernels.backend import Backends
 from vllm_jax.kernels import moe
 from vllm_jax.kernels import paged_attention as pa
 from vllm_jax.kernels import quant
@@ -54,9 +55,9 @@ def matmul(x, w):
 class Linear(nnx.Module):
     """y = x @ W.T (+ b), W in the Hugging Face [out, in] layout, dense or GGUF-packed."""
 
-    def __init__(self, weights: Mapping, name: str, backend: str = "auto"):
+    def __init__(self, weights: Mapping, name: str, backend: str | Backends = "auto"):
         w = weights[name + ".weight"]
-        self.backend = backend
+        self.backend = kernel_backend.matmul_of(backend)
         if isinstance(w, PackedWeight):
             self.qtype, self.cols = w.qtype, w.cols
             self.weight = nnx.Dict({k: nnx.Param(v) for k, v in w.fields.items()})
@@ -202,14 +203,17 @@ def cache_free_attention(q, k, v, meta: CacheFree, *, scale, sliding_window=None
 class Attention(nnx.Module):
     """q/k/v projections, optional per-head q/k RMSNorm, RoPE, attention, o projection.
 
-    window: this layer's sliding window (None: full attention); scale: the query scale.
+    window: this layer's sliding window (None: full attention); scale: the query scale;
+    backend: a kernels.backend name or Backends (attention's for attention, matmul's for the
+    projections).
     """
 
-    def __init__(self, cfg, weights: Mapping, prefix: str, backend: str, *, window, scale,
-                 norm_upcast: bool = False):
+    def __init__(self, cfg, weights: Mapping, prefix: str, backend: str | Backends, *, window,
+                 scale, norm_upcast: bool = False):
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
                                                             cfg.head_dim)
-        self.window, self.scale, self.backend = window, scale, backend
+        self.window, self.scale = window, scale
+        self.backend = kernel_backend.attention_of(backend)
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, p, Linear(weights, f"{prefix}.{p}", backend))
         self.qk_norm = f"{prefix}.q_norm.weight" in weights

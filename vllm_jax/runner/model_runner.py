@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from vllm_jax import parallel
+from vllm_jax.kernels import lowering
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.models.layers import AttnMetadata
 from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
@@ -201,6 +202,15 @@ class ModelRunner:
         if layout.logprobs:
             out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)
         return out
+
+    def export_step(self, layout: StepLayout):
+        """The step at `layout` exported for CUDA from shapes alone (kernels/lowering.py): the
+        weights may be jax.ShapeDtypeStructs."""
+        ints = jax.ShapeDtypeStruct((sum(n for _, n in layout.int_sizes()),), jnp.int32)
+        floats = jax.ShapeDtypeStruct((len(FLOAT_FIELDS) * layout.num_seqs,), jnp.float32)
+        kv = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.kv]
+        step = jax.jit(self._step_impl, static_argnums=(4,))
+        return lowering.export_for_cuda(step, self.leaves, kv, ints, floats, layout)
 
     # -- host side ----------------------------------------------------------------------------
     def layout_for(self, batch: ScheduledBatch) -> StepLayout:

@@ -1,0 +1,123 @@
+"""Every Pallas kernel and one whole engine step lower for CUDA without a GPU, at the real
+per-layer shapes of Llama-3.1-8B (bf16), Qwen3-0.6B (bf16) and QwQ-32B (Q4_K), for 1, 16 and
+256 sequences and a 32k-token context (kernels/lowering.py: jax 0.10 as is, an abstract H100 on
+jax >= 0.11). A kernel that no longer lowers to Triton fails here: each exported module must call
+exactly as many Triton kernels as the Pallas calls it was built from."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tools.bench import SHAPES, packed_shape, weight_shapes
+from vllm_jax import models
+from vllm_jax.kernels import moe
+from vllm_jax.kernels import paged_attention as pa
+from vllm_jax.kernels import quant
+from vllm_jax.kernels.backend import Backends
+from vllm_jax.kernels.lowering import export_for_cuda, triton_calls
+from vllm_jax.runner.model_runner import ModelRunner, StepLayout
+
+pytest.importorskip("jax.experimental.pallas.triton")
+
+MODELS = {"llama3.1-8b": None, "qwen3-0.6b": None, "qwq-32b": "q4_k"}  # name -> GGUF type
+SEQS = (1, 16, 256)
+TOKENS = (1, 16, 256)
+PREFILL_TOKENS = 512  # the default --max-num-batched-tokens
+CONTEXT = 32768
+PAGE = 16
+MAX_PAGES = CONTEXT // PAGE
+BF16, I32 = jnp.bfloat16, jnp.int32
+Shape = jax.ShapeDtypeStruct
+
+
+def config(name: str, layers: int | None = None):
+    shape = dict(SHAPES[name])
+    if layers:
+        shape["num_hidden_layers"] = layers
+    return models.from_hf(shape)
+
+
+def attention_args(name: str, num_queries: int, seqs: int):
+    """q [num_queries, heads, head_dim] and one layer's K and V caches with room for `seqs`
+    sequences of CONTEXT tokens."""
+    cfg = config(name)[1]
+    cache = Shape((cfg.num_kv_heads, seqs * MAX_PAGES, PAGE, cfg.head_dim), BF16)
+    return Shape((num_queries, cfg.num_heads, cfg.head_dim), BF16), cache, cache, cfg.head_dim
+
+
+@pytest.mark.parametrize("seqs", SEQS)
+@pytest.mark.parametrize("name", MODELS)
+def test_decode_attention_lowers_for_cuda(name, seqs):
+    q, k, v, hd = attention_args(name, seqs, seqs)
+    decode = functools.partial(pa.decode, scale=hd ** -0.5, backend="pallas")
+    exported = export_for_cuda(decode, q, k, v, Shape((seqs, MAX_PAGES), I32), Shape((seqs,), I32))
+    assert triton_calls(exported) == 1
+
+
+@pytest.mark.parametrize("seqs", SEQS)
+@pytest.mark.parametrize("name", MODELS)
+def test_prefill_attention_lowers_for_cuda(name, seqs):
+    q, k, v, hd = attention_args(name, PREFILL_TOKENS, seqs)
+    prefill = functools.partial(pa.prefill, scale=hd ** -0.5, backend="pallas")
+    tokens = Shape((PREFILL_TOKENS,), I32)
+    exported = export_for_cuda(prefill, q, k, v, tokens, tokens, Shape((seqs, MAX_PAGES), I32),
+                               Shape((seqs,), I32))
+    assert triton_calls(exported) == 1
+
+
+def qwq_matrices():
+    """(rows, cols) of QwQ-32B's distinct projections: q/o, k/v, gate/up, down."""
+    cfg = config("qwq-32b")[1]
+    hidden, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+    return [(hidden, hidden), (kv, hidden), (inter, hidden), (hidden, inter)]
+
+
+@pytest.mark.parametrize("qtype", quant.QTYPES)
+def test_dequant_matmul_lowers_for_cuda_at_qwq_shapes(qtype):
+    for rows, cols in qwq_matrices():
+        fields = packed_shape(qtype, (rows, cols)).fields
+        for tokens in TOKENS:
+            matmul = functools.partial(quant.qmatmul, qtype=qtype, cols=cols, backend="pallas")
+            exported = export_for_cuda(matmul, Shape((tokens, cols), BF16), fields)
+            assert triton_calls(exported) == 1, (rows, cols, tokens)
+            assert exported.out_avals[0].shape == (tokens, rows)
+
+
+@pytest.mark.parametrize("qtype", quant.QTYPES)
+def test_grouped_dequant_matmul_lowers_for_cuda_at_qwen3_moe_shapes(qtype):
+    cfg = config("qwen3-30b-a3b")[1]
+    e, hidden, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    for rows, cols in [(inter, hidden), (hidden, inter)]:
+        fields = packed_shape(qtype, (e, rows, cols)).fields
+        for tokens in TOKENS:
+            n = tokens * cfg.num_experts_per_tok
+            matmul = functools.partial(moe.grouped_qmatmul, qtype=qtype, cols=cols,
+                                       backend="pallas")
+            exported = export_for_cuda(matmul, Shape((n, cols), BF16), fields, Shape((e,), I32))
+            assert triton_calls(exported) == 1, (rows, cols, tokens)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def runner(request):
+    """A 1-layer ModelRunner of the named shape over abstract weights (nothing allocated but a
+    64-page cache), sized for 256 sequences of CONTEXT tokens."""
+    cls, cfg = config(request.param, layers=1)
+    qtype = MODELS[request.param]
+    model = cls(cfg, weight_shapes(cls, cfg, BF16, qtype), BF16, Backends("pallas", "pallas"),
+                CONTEXT)
+    runner = ModelRunner(model, [], 64, PAGE, CONTEXT, 256, PREFILL_TOKENS, 8, BF16)
+    runner.kernels_per_step = 1 + (7 + 1 if qtype else 0)  # attention, 7 projections, lm_head
+    return runner
+
+
+@pytest.mark.parametrize("layout", [
+    StepLayout(2, 2, MAX_PAGES, True), StepLayout(16, 16, MAX_PAGES, True),
+    StepLayout(256, 256, MAX_PAGES, True), StepLayout(PREFILL_TOKENS, 8, MAX_PAGES, False)],
+    ids=["decode-2", "decode-16", "decode-256", "prefill-512x8"])
+def test_engine_step_lowers_for_cuda(runner, layout):
+    exported = runner.export_step(layout)
+    assert triton_calls(exported) == runner.kernels_per_step
+    assert exported.out_avals[-1].shape == (layout.num_seqs,)  # the sampled token of each row
