@@ -41,7 +41,10 @@ def _module_row(name: str) -> dict:
 def _device_rows(jax) -> list[dict]:
     rows = []
     for d in jax.local_devices():
-        stats = d.memory_stats() or {} if hasattr(d, "memory_stats") else {}
+        try:
+            stats = d.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - some platforms keep no statistics
+            stats = {}
         cc = getattr(d, "compute_capability", None)
         rows.append(dict(item=f"device {d.id}", value=d.device_kind, platform=d.platform,
                          compute_capability=cc, ok=True,
