@@ -3,6 +3,7 @@ rows (dicts); a row whose "ok" is False fails its stage, and `record` turns an e
 one row into such a row, so one broken kernel does not hide the rest of the table."""
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,4 +37,7 @@ def record(rows: list, fn, **row) -> dict:
         row.update(ok=False, error=error_text(e), traceback=traceback.format_exc(limit=-8))
     row["seconds"] = round(time.perf_counter() - t, 3)
     rows.append(row)
+    # a line per row as it ends: a run killed mid-stage still shows how far it got
+    print(f"  {'ok  ' if row['ok'] else 'FAIL'} {row.get('case', '')} {row.get('impl', '')} "
+          f"({row['seconds']} s)", file=sys.stderr, flush=True)
     return row
