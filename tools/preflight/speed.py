@@ -45,19 +45,24 @@ def _rate(nbytes: int, seconds: float, bandwidth: float) -> dict:
 
 
 class _Cache:
-    """One bf16 K and V cache big enough for the largest case; each case's block table takes
-    its sequences' pages from a shuffled order, as a long-running engine leaves them."""
+    """One bf16 K and V cache for every case; block tables take pages in a shuffled order, as a
+    long-running engine leaves them. The cache stays under 2^31 elements, the size of a real
+    layer's cache (256 x 32k tokens of Llama-3.1-8B would be 16 GiB per layer, and offsets past
+    2^31 may not be what the kernels were written for). Past that, sequences share pages, as
+    with a common prefix: at 256 x 32k each page serves 4 sequences 64 apart, too far apart in
+    time for the L2 cache to serve the repeats."""
 
     def __init__(self, shape, seqs: int, context: int):
-        pages = seqs * context // PAGE_SIZE
-        dims = (shape.kv_heads, pages, PAGE_SIZE, shape.head_dim)
+        per_page = shape.kv_heads * PAGE_SIZE * shape.head_dim
+        self.pages = min(seqs * context // PAGE_SIZE, (2**31 - 1) // per_page)
+        dims = (shape.kv_heads, self.pages, PAGE_SIZE, shape.head_dim)
         self.k = jnp.full(dims, 0.01, jnp.bfloat16)
         self.v = jnp.full(dims, 0.02, jnp.bfloat16)
-        self.order = jax.random.permutation(jax.random.key(0), pages).astype(jnp.int32)
+        self.order = jax.random.permutation(jax.random.key(0), self.pages).astype(jnp.int32)
 
     def tables(self, seqs: int, context: int):
         per_seq = context // PAGE_SIZE
-        return self.order[:seqs * per_seq].reshape(seqs, per_seq)
+        return self.order[jnp.arange(seqs * per_seq) % self.pages].reshape(seqs, per_seq)
 
 
 def _decode_rows(rows, ctx, bandwidth):
