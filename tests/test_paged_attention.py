@@ -14,28 +14,10 @@ import numpy as np
 import pytest
 
 from vllm_jax.kernels import paged_attention as pa
+from vllm_jax.kernels.check_inputs import poisoned_cache as make_cache, ragged_chunks
 
 SCALE = 0.17
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def make_cache(rng, kvh, hd, page_size, context_lens, max_pages, spare_pages=3):
-    """Random K/V for each row's first context_len tokens on shuffled pages; NaN elsewhere."""
-    need = [-(-c // page_size) for c in context_lens]
-    num_pages = sum(need) + spare_pages
-    order = rng.permutation(num_pages)
-    tables = rng.integers(0, num_pages, (len(context_lens), max_pages)).astype(np.int32)
-    k = np.full((kvh, num_pages, page_size, hd), np.nan, np.float32)
-    v = k.copy()
-    used = 0
-    for row, (c, n) in enumerate(zip(context_lens, need)):
-        tables[row, :n] = order[used:used + n]
-        used += n
-        pos = np.arange(c)
-        pages, offsets = tables[row, pos // page_size], pos % page_size
-        k[:, pages, offsets] = rng.standard_normal((kvh, c, hd))
-        v[:, pages, offsets] = rng.standard_normal((kvh, c, hd))
-    return k, v, tables
 
 
 def dense_attention(q, k, v, tables, context_lens, seq_idx, positions, window):
@@ -73,13 +55,7 @@ def prefill_case(seed, kvh, g, hd, page_size, context_lens, new_tokens, num_toke
     rng = np.random.default_rng(seed)
     max_pages = max(-(-c // page_size) for c in context_lens) + 2
     k, v, tables = make_cache(rng, kvh, hd, page_size, context_lens, max_pages)
-    seq_idx = np.full(num_tokens, len(context_lens) - 1, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    off = 0
-    for row, (c, n) in enumerate(zip(context_lens, new_tokens)):
-        seq_idx[off:off + n] = row
-        positions[off:off + n] = np.arange(c - n, c)
-        off += n
+    seq_idx, positions = ragged_chunks(context_lens, new_tokens, num_tokens)
     if shuffle:
         order = rng.permutation(num_tokens)
         seq_idx, positions = seq_idx[order], positions[order]

@@ -104,9 +104,7 @@ def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 
     for i, (name, shape) in enumerate(weight_shapes(cls, cfg, dtype, quant).items()):
         k = jax.random.fold_in(key, i)
         if isinstance(shape, q.PackedWeight):
-            weights[name] = shape._replace(fields={
-                f: random_field(jax.random.fold_in(k, j), a)
-                for j, (f, a) in enumerate(shape.fields.items())})
+            weights[name] = random_packed(k, shape)
         elif len(shape.shape) == 1:
             weights[name] = jnp.ones(shape.shape, shape.dtype)
         else:
@@ -114,16 +112,24 @@ def random_weights(cls, cfg: ModelConfig, dtype, quant: str | None, seed: int = 
     return weights
 
 
+def random_packed(key, packed: q.PackedWeight) -> q.PackedWeight:
+    """`packed` (fields as shape structs, see packed_shape) filled on the device."""
+    return packed._replace(fields={f: random_field(jax.random.fold_in(key, j), a)
+                                   for j, (f, a) in enumerate(packed.fields.items())})
+
+
 def random_field(key, a: jax.ShapeDtypeStruct):
     """Random bits, or small positive scales for a packed weight's float fields."""
     if jnp.issubdtype(a.dtype, jnp.floating):
         return jax.random.uniform(key, a.shape, jnp.float32, 1e-4, 2e-3).astype(a.dtype)
-    return jax.random.bits(key, a.shape, a.dtype)
+    # jax.random.bits makes unsigned ints only; int8 fields (q8_0, q3_k, q6_k) take them bitcast
+    bits = jax.random.bits(key, a.shape, np.dtype(f"u{np.dtype(a.dtype).itemsize}"))
+    return jax.lax.bitcast_convert_type(bits, a.dtype)
 
 
-def measure_bandwidth() -> float:
+def measure_bandwidth(nbytes: int | None = None) -> float:
     """Device read bandwidth in bytes/s: a sum over an array far larger than any cache."""
-    n = 2**30 if jax.default_backend() != "cpu" else 512 * 2**20
+    n = nbytes or (2**30 if jax.default_backend() != "cpu" else 512 * 2**20)
     x = jnp.ones((n // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
