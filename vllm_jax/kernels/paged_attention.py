@@ -5,9 +5,13 @@ A token's KV lives at slot = page * page_size + offset; slot_mapping entries pas
 (padding rows) are dropped on write.
 
 `decode` and `prefill` pick an implementation by backend name (kernels/backend.py):
-"xla" (the reference, used on Metal and as the test oracle), "cpu" (decode by the C++ kernel
-in cpu_attention.cc, prefill by XLA), "pallas" (GPU, Triton lowering) or "pallas_interpret"
-(the Pallas kernels run by the interpreter, for tests on CPU).
+"xla" (the reference, used on Metal and as the test oracle), "cpu" (the C++ kernels in
+cpu_attention.cc), "pallas" (GPU, Triton lowering) or "pallas_interpret" (the Pallas kernels run
+by the interpreter, for tests on CPU).
+
+`prefill` is the ragged path: query tokens flat across sequences, each with its own sequence
+(seq_idx) and position, so one call serves prompt chunks and decode rows (1-token chunks)
+together, as a mixed step needs.
 
 Both XLA functions walk the context in chunks of pages with an online softmax, looping only as
 far as the longest context in the batch (a while loop with a traced trip count), so cost follows
@@ -199,7 +203,12 @@ def prefill(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens,
             sliding_window=None, backend: str = "auto"):
     """prefill_attention on the chosen backend (XLA where "auto" cannot use Pallas)."""
     name = _resolve(backend, k_cache)
-    if name in ("xla", "cpu"):  # no CPU prefill kernel: XLA's batched dots do well there
+    if name == "cpu":
+        from vllm_jax.kernels import cpu
+
+        return cpu.ragged_attention(q, k_cache, v_cache, seq_idx, positions, block_tables,
+                                    context_lens, scale=scale, sliding_window=sliding_window)
+    if name == "xla":
         return prefill_attention(q, k_cache, v_cache, seq_idx, positions, block_tables,
                                  context_lens, scale=scale, sliding_window=sliding_window)
     return prefill_attention_pallas(q, k_cache, v_cache, seq_idx, positions, block_tables,
