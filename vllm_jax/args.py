@@ -75,6 +75,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "last token (default, as vLLM pools decoder models) or the mean of all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-mixed-steps", action="store_true",
+                   help="prompt chunks and decode rows in separate steps (prompts first), as "
+                        "before mixed steps")
     p.set_defaults(**defaults)
 
 
@@ -89,4 +92,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
         process_id=args.process_id, kernel_backend=args.kernel_backend, seed=args.seed,
         keep_quantized=args.keep_quantized, pooling=args.pooling,
-        enable_prefix_caching=not args.no_prefix_caching), **overrides})
+        enable_prefix_caching=not args.no_prefix_caching,
+        mixed_steps=not args.no_mixed_steps), **overrides})

@@ -112,7 +112,7 @@ def _unpack(flat, sizes):
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, kv_dtype,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_step_seqs: int, kv_dtype,
                  mesh=None):
         self.cfg = model.cfg
         self.eos_ids = list(eos_ids)
@@ -126,7 +126,8 @@ class ModelRunner:
         # into forms that copy every weight and the whole KV cache, 2x slower than 2 rows
         self.seq_buckets = buckets(max(max_num_seqs, 2), start=2)
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
-        self.prefill_seq_buckets = buckets(max_prefill_seqs)
+        # rows of a prefill-shaped step: prompt chunks, and in a mixed step decode rows too
+        self.prefill_seq_buckets = buckets(max_prefill_step_seqs)
         self.kv_dtype, self.mesh = kv_dtype, mesh
         self.reset_kv()
         if mesh is not None:
