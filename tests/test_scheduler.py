@@ -9,10 +9,10 @@ from vllm_jax.sampling_params import SamplingParams
 PAGE = 4
 
 
-def make_scheduler(num_blocks=64, budget=16, mixed=True, max_prefill_seqs=2):
+def make_scheduler(num_blocks=64, budget=16, mixed=True, max_prefill_seqs=2, **kw):
     bm = BlockManager(num_blocks, PAGE, enable_prefix_caching=False)
     return Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget,
-                     max_prefill_seqs=max_prefill_seqs, mixed=mixed)
+                     max_prefill_seqs=max_prefill_seqs, mixed=mixed, **kw)
 
 
 def request(n, first=0):
@@ -62,6 +62,17 @@ def test_every_step_of_a_long_prompt_keeps_the_decode_rows():
         chunks += batch.seqs[2:] == [long]
         run(batch)
     assert chunks == -(-40 // 6)
+
+
+def test_mixed_prefill_tokens_caps_prompt_tokens_beside_decode_rows_only():
+    sched = make_scheduler(budget=16, mixed_prefill_tokens=5)
+    sched.add(request(30, first=100))
+    assert sched.schedule().num_new_tokens == [16]  # no decode rows: the whole budget
+    sched = make_scheduler(budget=16, mixed_prefill_tokens=5)
+    decoding(sched, 3, 2)
+    sched.add(request(30, first=100))
+    batch = sched.schedule()
+    assert batch.num_decode_rows == 2 and batch.num_new_tokens[2:] == [5]
 
 
 def test_without_prompts_a_step_is_a_pure_decode_step():

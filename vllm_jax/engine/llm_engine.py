@@ -98,7 +98,8 @@ class LLMEngine:
                              mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
-                                   max_prefill_seqs, mixed=config.mixed_steps)
+                                   max_prefill_seqs, mixed=config.mixed_steps,
+                                   mixed_prefill_tokens=config.mixed_prefill_tokens)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)

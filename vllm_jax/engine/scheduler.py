@@ -2,8 +2,9 @@
 
 Mixed steps (the default, as vLLM V1 schedules): every running sequence past its prompt gets a
 decode row (one token), then prompt chunks of up to `max_prefill_seqs` sequences fill the rest of
-`max_num_batched_tokens` (long prompts split across steps), so running streams never wait while
-prompts prefill. A step with no prompt chunk is a pure decode step. With `mixed=False` a step is
+`max_num_batched_tokens` (long prompts split across steps; at most `mixed_prefill_tokens` beside
+decode rows, when set), so running streams never wait while prompts prefill. A step with no
+prompt chunk is a pure decode step. With `mixed=False` a step is
 either prompt chunks (they go first) or decode rows, never both.
 
 When a decode row finds no free page, the most recently admitted sequences are preempted: their
@@ -36,12 +37,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True):
+                 max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True,
+                 mixed_prefill_tokens: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.mixed = mixed
+        self.mixed_prefill_tokens = mixed_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspects: deque[Sequence] = deque()  # to run alone before anything else
@@ -88,6 +91,8 @@ class Scheduler:
         preemptions = self.num_preemptions
         rows = self._decode_rows()
         budget = self.max_num_batched_tokens - len(rows)
+        if rows and self.mixed_prefill_tokens:
+            budget = min(budget, self.mixed_prefill_tokens)
         chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
         if chunks is None:
             return _decode_step(rows)
