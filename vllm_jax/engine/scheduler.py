@@ -4,8 +4,8 @@ Mixed steps (the default, as vLLM V1 schedules): every running sequence past its
 decode row (one token), then prompt chunks of up to `max_prefill_seqs` sequences fill the rest of
 `max_num_batched_tokens` (long prompts split across steps; at most `mixed_prefill_tokens` beside
 decode rows, when set), so running streams never wait while prompts prefill. A step with no
-prompt chunk is a pure decode step. With `mixed=False` a step is
-either prompt chunks (they go first) or decode rows, never both.
+prompt chunk is a pure decode step. With `mixed=False` a step is either prompt chunks (they go
+first) or decode rows, never both.
 
 When a decode row finds no free page, the most recently admitted sequences are preempted: their
 pages are freed and they are recomputed later; no new sequence is admitted in that step.

@@ -112,8 +112,8 @@ def _unpack(flat, sizes):
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_step_seqs: int, kv_dtype,
-                 mesh=None):
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_step_seqs: int,
+                 kv_dtype, mesh=None):
         self.cfg = model.cfg
         self.eos_ids = list(eos_ids)
         self.graphdef, self.state = nnx.split(model)
