@@ -291,8 +291,9 @@ class ModelRunner:
 
     def warmup(self):
         """Compile every bucket the scheduler can produce (decode greedy and sampled)."""
-        layouts = [StepLayout(t, s, self.max_pages, False)
-                   for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
+        seqs = self.prefill_seq_buckets
+        layouts = [StepLayout(t, s, self.max_pages, False)  # a step has at most t sequences
+                   for t in self.token_buckets for s in seqs if s <= pick(seqs, min(t, seqs[-1]))]
         layouts += [StepLayout(s, s, self.max_pages, True, greedy)
                     for s in self.seq_buckets for greedy in (True, False)]
         empty = ScheduledBatch(False, [], [])
