@@ -11,7 +11,9 @@ by the interpreter, for tests on CPU).
 
 `prefill` is the ragged path: query tokens flat across sequences, each with its own sequence
 (seq_idx) and position, so one call serves prompt chunks and decode rows (1-token chunks)
-together, as a mixed step needs.
+together, as a mixed step needs. The XLA version scores every token against every row's keys
+(cost tokens x rows x context): fine for a few prompts and for tests, slow for a mixed step with
+dozens of decode rows, which the C++ kernel (per token, its own sequence only) serves on the CPU.
 
 Both XLA functions walk the context in chunks of pages with an online softmax, looping only as
 far as the longest context in the batch (a while loop with a traced trip count), so cost follows
