@@ -87,6 +87,37 @@ def test_chunked_prefill_matches_unchunked(family):
     assert chunked == whole
 
 
+def staggered(engine, groups, every=3):
+    """Each group of prompts arrives `every` steps after the one before, while the earlier ones
+    decode -> (token ids per prompt, how many steps carried decode rows and prompt chunks)."""
+    schedule, mixed_steps = engine.scheduler.schedule, []
+
+    def recording():
+        batch = schedule()
+        mixed_steps.append(batch is not None and not batch.decode and batch.num_decode_rows > 0)
+        return batch
+
+    engine.scheduler.schedule = recording
+    pending, ids, done, steps = list(groups), [], {}, 0
+    while pending or len(done) < len(ids):
+        if pending and steps % every == 0:
+            ids += [engine.add_request(p, GREEDY) for p in pending.pop(0)]
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+        steps += 1
+    return tokens(done[i] for i in ids), sum(mixed_steps)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])  # gemma3: sliding-window layers
+def test_mixed_steps_match_separate_prefill_and_decode_steps(model_dir, name):
+    path = model_dir(name)[0]
+    groups = [prompts(3, seed=11), prompts(2, seed=12, lo=40, hi=90), prompts(3, seed=13)]
+    kw = dict(max_num_batched_tokens=32, enable_prefix_caching=False)
+    separate, none_mixed = staggered(make_engine(path, mixed_steps=False, **kw), groups)
+    mixed, num_mixed = staggered(make_engine(path, **kw), groups)
+    assert none_mixed == 0 and num_mixed >= 3
+    assert mixed == separate
+
+
 def test_no_compiles_after_warmup(llama):
     engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64)
     engine.warmup()

@@ -143,6 +143,45 @@ def test_prefill_reference_matches_dense(window):
     np.testing.assert_allclose(ref, dense, **TOL)
 
 
+# A mixed step: decode rows first (one token each, at the end of their context), then prompt
+# chunks (one whole prompt, one continuing after a cached prefix), a padding row, padding tokens.
+MIXED_CONTEXTS = [9, 1, 3 * PS + 5, 2 * PS, 5 * PS - 3, 0]
+MIXED_NEW = [1, 1, 1, 2 * PS, 13, 0]
+
+
+def _ragged_backend(backend):
+    if backend == "cpu":
+        from vllm_jax.kernels import cpu
+
+        if not cpu.available():
+            pytest.skip("no C++ compiler for the CPU kernels")
+    return functools.partial(pa.prefill, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret", "cpu"])
+@pytest.mark.parametrize("kvh,g,hd,window", [(3, 3, 64, None), (2, 2, 32, 11)])
+def test_mixed_decode_rows_and_prompt_chunks_match_dense(backend, kvh, g, hd, window):
+    attend = _ragged_backend(backend)
+    case = prefill_case(8, kvh, g, hd, PS, MIXED_CONTEXTS, MIXED_NEW, 48)
+    q, k, v, seq_idx, positions, tables, lens = case
+    out = run(attend, case, window)
+    dense = dense_attention(q, k, v, tables, lens, seq_idx, positions, window)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, dense, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret", "cpu"])
+def test_ragged_decode_rows_equal_decode_attention(backend):
+    """1-token chunks through the ragged path give what the decode path gives those rows."""
+    attend = _ragged_backend(backend)
+    contexts = [1, PS - 1, 3 * PS + 5, 0, 5 * PS]
+    q, k, v, tables, lens = decode_case(9, 2, 3, 64, PS, contexts)
+    seq_idx = np.arange(len(contexts), dtype=np.int32)
+    decode = run(pa.decode_attention, (q, k, v, tables, lens), None)
+    ragged = run(attend, (q, k, v, seq_idx, lens - 1, tables, lens), None)
+    np.testing.assert_allclose(ragged, decode, **TOL)
+
+
 def test_backend_names_resolve():
     from vllm_jax.kernels import cpu
     from vllm_jax.kernels.backend import resolve

@@ -188,6 +188,12 @@ class HostClock:
         return run
 
 
+def prompts_done(scheduler) -> bool:
+    """Every prompt computed: from here on steps are pure decode steps (with mixed steps the
+    first sequences decode while the later prompts prefill, all counted as the prefill phase)."""
+    return not scheduler.waiting and not any(seq.is_prefill for seq in scheduler.running)
+
+
 def main(argv=None):
     p = Parser(prog="tools/bench.py", description=__doc__.split("\n")[0])
     add_engine_args(p)
@@ -223,9 +229,12 @@ def main(argv=None):
 
     t = time.perf_counter()
     compiles = engine.num_compiles
-    # the same batch shape once, briefly: compiles the buckets the timed run uses
+    # the same batch shape once, briefly: compiles the buckets the timed run uses (with mixed
+    # steps the first sequences finish one step per prefill step before the last: that tail too)
     warm = [[int(x) for x in rng.integers(100, vocab - 100, args.input_len)] for _ in prompts]
-    engine.generate(warm, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+    prefill_steps = -(-args.num_seqs * args.input_len // engine.scheduler.max_num_batched_tokens)
+    warm_tokens = min(args.output_len, 3 + prefill_steps)
+    engine.generate(warm, SamplingParams(temperature=0, max_tokens=warm_tokens, ignore_eos=True,
                                          detokenize=False, structured_outputs=so))
     warm_s = time.perf_counter() - t
     host = HostClock(engine.structured, ["bitmask", "advance"])
@@ -234,17 +243,19 @@ def main(argv=None):
     for pr in prompts:
         engine.add_request(pr, params)
     first, gen0, num_steps = None, engine.num_generated_tokens, 0
+    gen_first, steps_first = gen0 + args.num_seqs, 1
     while engine.has_unfinished_requests():
         engine.step()
         num_steps += 1
-        if first is None and engine.num_generated_tokens - gen0 >= args.num_seqs:
-            first = time.perf_counter()
+        if first is None and prompts_done(engine.scheduler):
+            first, gen_first = time.perf_counter(), engine.num_generated_tokens
+            steps_first = num_steps
     end = time.perf_counter()
     generated = engine.num_generated_tokens - gen0
     prefill_s = (first or end) - t
     decode_s = end - (first or t)
-    decode_tps = (generated - args.num_seqs) / max(decode_s, 1e-9)
-    step_ms = 1000 * decode_s / max(args.output_len - 1, 1)
+    decode_tps = (engine.num_generated_tokens - gen_first) / max(decode_s, 1e-9)
+    step_ms = 1000 * decode_s / max(num_steps - steps_first, 1)
 
     weight_bytes = engine.loaded.weight_bytes
     mc = engine.model_config

@@ -80,6 +80,13 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "last token (default, as vLLM pools decoder models) or the mean of all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-mixed-steps", action="store_true",
+                   help="prompt chunks and decode rows in separate steps (prompts first), as "
+                        "before mixed steps")
+    p.add_argument("--mixed-prefill-tokens", type=positive(), metavar="N",
+                   help="at most N prompt tokens in a step that carries decode rows (default: "
+                        "the whole --max-num-batched-tokens): shorter gaps between a stream's "
+                        "tokens, later first tokens")
     p.set_defaults(**defaults)
 
 
@@ -96,4 +103,6 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         attention_backend=args.attention_backend, matmul_backend=args.matmul_backend,
         seed=args.seed,
         keep_quantized=args.keep_quantized, pooling=args.pooling,
-        enable_prefix_caching=not args.no_prefix_caching), **overrides})
+        enable_prefix_caching=not args.no_prefix_caching,
+        mixed_steps=not args.no_mixed_steps,
+        mixed_prefill_tokens=args.mixed_prefill_tokens), **overrides})

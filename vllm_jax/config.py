@@ -18,6 +18,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     kvcache_mem_mb: float = 4096
     page_size: int = 16
+    mixed_steps: bool = True  # decode rows and prompt chunks in one step (engine/scheduler.py)
+    # most prompt tokens in a step beside decode rows (None: the whole budget); fewer keep the
+    # running streams' gaps short, at the cost of time to first token
+    mixed_prefill_tokens: int | None = None
     quant: str | None = None
     dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
     kv_cache_dtype: str = "auto"  # auto = dtype; f16/bf16 halve a float32 cache (llama.cpp: f16)

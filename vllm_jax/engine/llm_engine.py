@@ -89,14 +89,17 @@ class LLMEngine:
         max_tokens = min(config.max_num_batched_tokens, self.max_model_len)
         max_tokens = max(max_tokens, min(16, self.max_model_len))
         max_prefill_seqs = min(8, config.max_num_seqs)
+        # a mixed step carries every running sequence: prefill-shaped steps need all seq buckets
+        step_seqs = config.max_num_seqs if config.mixed_steps else max_prefill_seqs
         self.runner = ModelRunner(loaded.model, self.tokenizer.eos_token_ids, num_pages, ps,
                                   self.max_model_len, config.max_num_seqs, max_tokens,
-                                  max_prefill_seqs, kv_dtype, mesh=self.mesh)
+                                  step_seqs, kv_dtype, mesh=self.mesh)
         self.pooler = Pooler(self.runner, config.pooling, self.max_model_len, max_tokens,
                              mesh=self.mesh)
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
-                                   max_prefill_seqs)
+                                   max_prefill_seqs, mixed=config.mixed_steps,
+                                   mixed_prefill_tokens=config.mixed_prefill_tokens)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
@@ -235,7 +238,7 @@ class LLMEngine:
             if "prompt_logprob" in out and req.prompt_logprobs is not None and seq.index == 0:
                 self._record_prompt_logprobs(req, seq, out, start, n)
             seq.num_computed_tokens += n
-            if not batch.decode:
+            if row >= batch.num_decode_rows:
                 self.num_prompt_tokens += n
             self.block_manager.register_computed(seq)
             if seq.num_computed_tokens < seq.num_tokens:

@@ -1,9 +1,14 @@
-"""Who runs this step: prefill-first continuous batching under a token budget.
+"""Who runs this step: continuous batching under a token budget.
 
-A step is either a prefill step (prompt chunks of up to `max_prefill_seqs` sequences, at most
-`max_num_batched_tokens` tokens, long prompts split across steps) or a decode step (one token
-for every running sequence). When a decode step runs out of pages, the most recently admitted
-sequences are preempted: their pages are freed and they are recomputed later.
+Mixed steps (the default, as vLLM V1 schedules): every running sequence past its prompt gets a
+decode row (one token), then prompt chunks of up to `max_prefill_seqs` sequences fill the rest of
+`max_num_batched_tokens` (long prompts split across steps; at most `mixed_prefill_tokens` beside
+decode rows, when set), so running streams never wait while prompts prefill. A step with no
+prompt chunk is a pure decode step. With `mixed=False` a step is either prompt chunks (they go
+first) or decode rows, never both.
+
+When a decode row finds no free page, the most recently admitted sequences are preempted: their
+pages are freed and they are recomputed later; no new sequence is admitted in that step.
 
 After a failed step (`restart`), every sequence is recomputed, and the failed batch's ones run
 alone, one at a time, until each has sampled a token: a request that breaks the step then
@@ -20,9 +25,10 @@ from vllm_jax.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    decode: bool
-    seqs: list[Sequence]
+    decode: bool  # only decode rows: the step keeps the decode layout
+    seqs: list[Sequence]  # decode rows first, then prompt chunks
     num_new_tokens: list[int]  # tokens computed this step, per sequence
+    num_decode_rows: int = 0  # leading rows that decode (all of them when `decode`)
 
     @property
     def num_tokens(self) -> int:
@@ -31,11 +37,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_prefill_seqs: int = 8):
+                 max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True,
+                 mixed_prefill_tokens: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
+        self.mixed = mixed
+        self.mixed_prefill_tokens = mixed_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspects: deque[Sequence] = deque()  # to run alone before anything else
@@ -53,7 +62,10 @@ class Scheduler:
             self.suspects.popleft()  # it sampled a token alone, or it has finished
         if self.suspects:
             return self._schedule_alone(self.suspects[0])
-        return self._schedule_prefill() or self._schedule_decode()
+        if self.mixed:
+            return self._schedule_mixed()
+        chunks = self._prefill_batch(self.max_num_batched_tokens, admit=True)
+        return chunks or _decode_step(self._decode_rows())
 
     def restart(self, suspects: list[Sequence]):
         """Recompute every running sequence; run `suspects` alone first, one at a time."""
@@ -75,8 +87,20 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.max_num_batched_tokens
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        preemptions = self.num_preemptions
+        rows = self._decode_rows()
+        budget = self.max_num_batched_tokens - len(rows)
+        if rows and self.mixed_prefill_tokens:
+            budget = min(budget, self.mixed_prefill_tokens)
+        chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
+        if chunks is None:
+            return _decode_step(rows)
+        return ScheduledBatch(False, rows + chunks.seqs, [1] * len(rows) + chunks.num_new_tokens,
+                              len(rows))
+
+    def _prefill_batch(self, budget: int, admit: bool) -> ScheduledBatch | None:
+        """Prompt chunks: running prompts first, then waiting sequences (when `admit`)."""
         seqs, counts = [], []
 
         def take(seq):
@@ -89,7 +113,7 @@ class Scheduler:
         for seq in self.running:
             if seq.is_prefill and budget > 0 and len(seqs) < self.max_prefill_seqs:
                 take(seq)
-        while (self.waiting and budget > 0 and len(seqs) < self.max_prefill_seqs
+        while (admit and self.waiting and budget > 0 and len(seqs) < self.max_prefill_seqs
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
@@ -98,20 +122,22 @@ class Scheduler:
             take(seq)
         return ScheduledBatch(False, seqs, counts) if seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled = []
-        candidates = list(self.running)
-        while candidates:
-            seq = candidates.pop(0)
+    def _decode_rows(self) -> list[Sequence]:
+        """Every running sequence past its prompt, each with room for one more token; to make
+        room, the most recently admitted sequences are preempted."""
+        rows = []
+        for seq in [s for s in self.running if not s.is_prefill]:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted to make room for an earlier row
             while not self.block_manager.can_append(seq):
-                victim = candidates.pop() if candidates else seq
+                victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
                     break
             else:
                 self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        return ScheduledBatch(True, scheduled, [1] * len(scheduled)) if scheduled else None
+                rows.append(seq)
+        return rows
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
@@ -128,3 +154,7 @@ class Scheduler:
         if seq.block_table:
             self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+def _decode_step(rows: list[Sequence]) -> ScheduledBatch | None:
+    return ScheduledBatch(True, rows, [1] * len(rows), len(rows)) if rows else None

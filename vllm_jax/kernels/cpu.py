@@ -1,6 +1,6 @@
 """The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert),
-cpu_dense.cc (matmul with 16-bit weights) and cpu_attention.cc (paged decode attention), XLA FFI
-custom calls built on first use.
+cpu_dense.cc (matmul with 16-bit weights) and cpu_attention.cc (paged attention: decode rows,
+and ragged rows of any sequence and position), XLA FFI custom calls built on first use.
 
 The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
 FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
@@ -32,7 +32,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_dense.cc", HERE / "cpu_attention.cc"]
 HEADERS = [HERE / "cpu_common.h"]
 TARGETS = ("vllm_jax_qmatmul", "vllm_jax_grouped_qmatmul", "vllm_jax_dense_matmul",
-           "vllm_jax_decode_attention")
+           "vllm_jax_decode_attention", "vllm_jax_ragged_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
 FIELDS = {
     "q4_0": ("d", "qs"), "q4_1": ("d", "m", "qs"), "q5_0": ("d", "qh", "qs"),
@@ -161,5 +161,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: 
     call = _call("vllm_jax_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_cache, v_cache, block_tables.astype(jnp.int32),
                context_lens.astype(jnp.int32), scale=np.float32(scale),
+               window=np.int64(sliding_window or 0))
+    return out.astype(q.dtype)
+
+
+def ragged_attention(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens, *,
+                     scale: float, sliding_window: int | None = None) -> jax.Array:
+    """paged_attention.prefill_attention (same arguments): every query token, a decode row or a
+    token of a prompt chunk, attends causally over its own sequence's pages."""
+    call = _call("vllm_jax_ragged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    ints = [a.astype(jnp.int32) for a in (seq_idx, positions, block_tables, context_lens)]
+    out = call(q.astype(jnp.float32), k_cache, v_cache, *ints, scale=np.float32(scale),
                window=np.int64(sliding_window or 0))
     return out.astype(q.dtype)

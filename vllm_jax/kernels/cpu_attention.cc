@@ -1,4 +1,4 @@
-// Paged decode attention for the CPU, an XLA FFI custom call (built by kernels/cpu.py).
+// Paged attention for the CPU, XLA FFI custom calls (built by kernels/cpu.py).
 //
 // The XLA reference (paged_attention.decode_attention) gathers whole chunks of pages into new
 // arrays and loops in a while loop; for one query a row that is mostly copying. Here each
@@ -10,6 +10,10 @@
 //                              float16 or bfloat16 (read as float32; all math in float32),
 //                              block_tables i32 [S, B], context_lens i32 [S]
 //                              -> o f32 [S, H, D]; attrs scale, window (0 = none)
+//   vllm_jax_ragged_attention  the same, but q/o hold T query tokens, each of its own sequence
+//                              (seq_idx i32 [T]) at its own position (positions i32 [T], -1 for
+//                              padding), causal: decode rows and prompt chunks in one call.
+//                              Each token is one decode-style query over keys 0..position.
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -44,11 +48,24 @@ struct Attn {
   const float* q;
   const T *k, *v;
   const int32_t *tables, *lens;
+  const int32_t *seq_idx, *positions;  // null for decode: query row s is sequence s, at the end
   float* o;
-  int64_t heads, kv_heads, dim, pages, page_size, max_pages;
+  int64_t heads, kv_heads, dim, pages, page_size, num_seqs, max_pages;
   float scale;
   int64_t window;
 };
+
+// The sequence query row `row` reads and how many of its keys (0: a padding row).
+template <typename T>
+inline int64_t row_context(const Attn<T>& a, int64_t row, int64_t& seq) {
+  if (!a.seq_idx) {
+    seq = row;
+    return a.lens[row];
+  }
+  seq = a.seq_idx[row];
+  if (seq < 0 || seq >= a.num_seqs) return 0;
+  return a.lens[seq] > 0 ? std::min<int64_t>(a.positions[row] + 1, a.lens[seq]) : 0;
+}
 
 template <typename T>
 inline const T* kv_row(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j) {
@@ -83,16 +100,17 @@ inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h
   }
 }
 
-// One sequence s, one KV head h and its G = heads / kv_heads query heads. Keys come in blocks of
+// One query row, one KV head h and its G = heads / kv_heads query heads. Keys come in blocks of
 // 8 rows (scores of 8 rows at once for each head, summed by sum8); values in blocks of up to 16
 // rows (each head's output, 8 vectors at a time, stays in registers over the block). D8 is the
 // head dimension in vectors (0: read it at run time).
 template <int D8, typename T>
-void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
+void attend(const Attn<T>& a, int64_t row, int64_t h, std::vector<float>& scores,
             std::vector<f8>& acc) {
   const int64_t g_count = a.heads / a.kv_heads, d8 = D8 ? D8 : a.dim / 8;
-  float* out = a.o + (s * a.heads + h * g_count) * a.dim;
-  const int64_t ctx = a.lens[s];
+  float* out = a.o + (row * a.heads + h * g_count) * a.dim;
+  int64_t s;
+  const int64_t ctx = row_context(a, row, s);
   if (ctx <= 0) {  // a padding row
     std::fill(out, out + g_count * a.dim, 0.f);
     return;
@@ -101,7 +119,7 @@ void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
   const int64_t stride = (n + 7) / 8 * 8;
   scores.resize(g_count * stride + g_count);  // then each head's 1 / sum of exps
   acc.assign(2 * g_count * d8, f8{});
-  const float* q = a.q + (s * a.heads + h * g_count) * a.dim;  // G rows of dim
+  const float* q = a.q + (row * a.heads + h * g_count) * a.dim;  // G rows of dim
   f8* qs = acc.data() + g_count * d8;  // q * scale, as the reference scales it
   for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
   prefetch_rows(a, a.k, s, h, lo, lo + std::min(n, kAhead));
@@ -159,19 +177,20 @@ void attend(const Attn<T>& a, int64_t s, int64_t h, std::vector<float>& scores,
 
 template <typename T>
 ffi::Error Run(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens, float* o, float scale,
-               int64_t window) {
+               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens, const int32_t* seq_idx,
+               const int32_t* positions, float* o, float scale, int64_t window) {
   Attn<T> a;
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
-    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: unsupported shapes");
+    return ffi::Error::InvalidArgument("vllm_jax paged attention: unsupported shapes");
   a.heads = qd[1], a.dim = qd[2], a.kv_heads = kd[0], a.pages = kd[1], a.page_size = kd[2];
-  a.max_pages = tables.dimensions()[1];
+  a.num_seqs = tables.dimensions()[0], a.max_pages = tables.dimensions()[1];
   if (a.dim % 8 || a.dim > 256 || a.heads % a.kv_heads || kd[3] != a.dim)
-    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: unsupported shapes");
+    return ffi::Error::InvalidArgument("vllm_jax paged attention: unsupported shapes");
   a.q = q.typed_data(), a.o = o;
   a.k = static_cast<const T*>(k.untyped_data()), a.v = static_cast<const T*>(v.untyped_data());
   a.tables = tables.typed_data(), a.lens = lens.typed_data();
+  a.seq_idx = seq_idx, a.positions = positions;
   a.scale = scale, a.window = window;
   const int64_t kvh = a.kv_heads;
   parallel_for(qd[0] * kvh, 1, [&a, kvh](int64_t i0, int64_t i1) {
@@ -186,20 +205,42 @@ ffi::Error Run(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return ffi::Error::Success();
 }
 
+ffi::Error Dispatch(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens,
+                    const int32_t* seq_idx, const int32_t* positions,
+                    ffi::ResultBuffer<ffi::F32> o, float scale, int64_t window) {
+  if (v.element_type() != k.element_type())
+    return ffi::Error::InvalidArgument("vllm_jax paged attention: K and V dtypes differ");
+  float* out = o->typed_data();
+  switch (k.element_type()) {
+    case ffi::DataType::F32:
+      return Run<float>(q, k, v, tables, lens, seq_idx, positions, out, scale, window);
+    case ffi::DataType::F16:
+      return Run<half>(q, k, v, tables, lens, seq_idx, positions, out, scale, window);
+    case ffi::DataType::BF16:
+      return Run<bfloat16>(q, k, v, tables, lens, seq_idx, positions, out, scale, window);
+    default:
+      return ffi::Error::InvalidArgument("vllm_jax paged attention: cache dtype must be "
+                                         "float32, float16 or bfloat16");
+  }
+}
+
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens,
                            ffi::ResultBuffer<ffi::F32> o, float scale, int64_t window) {
-  if (v.element_type() != k.element_type())
-    return ffi::Error::InvalidArgument("vllm_jax_decode_attention: K and V dtypes differ");
-  float* out = o->typed_data();
-  switch (k.element_type()) {
-    case ffi::DataType::F32: return Run<float>(q, k, v, tables, lens, out, scale, window);
-    case ffi::DataType::F16: return Run<half>(q, k, v, tables, lens, out, scale, window);
-    case ffi::DataType::BF16: return Run<bfloat16>(q, k, v, tables, lens, out, scale, window);
-    default:
-      return ffi::Error::InvalidArgument("vllm_jax_decode_attention: cache dtype must be "
-                                         "float32, float16 or bfloat16");
-  }
+  return Dispatch(q, k, v, tables, lens, nullptr, nullptr, o, scale, window);
+}
+
+ffi::Error RaggedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::S32> seq_idx, ffi::Buffer<ffi::S32> positions,
+                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lens,
+                           ffi::ResultBuffer<ffi::F32> o, float scale, int64_t window) {
+  const int64_t t = q.dimensions()[0];
+  if (seq_idx.element_count() != t || positions.element_count() != t)
+    return ffi::Error::InvalidArgument("vllm_jax_ragged_attention: one seq_idx and position "
+                                       "per query token");
+  return Dispatch(q, k, v, tables, lens, seq_idx.typed_data(), positions.typed_data(), o, scale,
+                  window);
 }
 
 }  // namespace
@@ -209,6 +250,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_decode_attention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_ragged_attention, RaggedAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -5,9 +5,15 @@ A token's KV lives at slot = page * page_size + offset; slot_mapping entries pas
 (padding rows) are dropped on write.
 
 `decode` and `prefill` pick an implementation by backend name (kernels/backend.py):
-"xla" (the reference, used on Metal and as the test oracle), "cpu" (decode by the C++ kernel
-in cpu_attention.cc, prefill by XLA), "pallas" (GPU, Triton lowering) or "pallas_interpret"
-(the Pallas kernels run by the interpreter, for tests on CPU).
+"xla" (the reference, used on Metal and as the test oracle), "cpu" (the C++ kernels in
+cpu_attention.cc), "pallas" (GPU, Triton lowering) or "pallas_interpret" (the Pallas kernels run
+by the interpreter, for tests on CPU).
+
+`prefill` is the ragged path: query tokens flat across sequences, each with its own sequence
+(seq_idx) and position, so one call serves prompt chunks and decode rows (1-token chunks)
+together, as a mixed step needs. The XLA version scores every token against every row's keys
+(cost tokens x rows x context): fine for a few prompts and for tests, slow for a mixed step with
+dozens of decode rows, which the C++ kernel (per token, its own sequence only) serves on the CPU.
 
 Both XLA functions walk the context in chunks of pages with an online softmax, looping only as
 far as the longest context in the batch (a while loop with a traced trip count), so cost follows
@@ -202,9 +208,12 @@ def prefill(q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens,
     name = _resolve(backend, k_cache)
     args = (q, k_cache, v_cache, seq_idx, positions, block_tables, context_lens)
     static = dict(scale=scale, sliding_window=sliding_window)
-    # no CPU prefill kernel: XLA's batched dots do well there
-    if name not in ("xla", "cpu") and _pallas_runs(name, "prefill attention",
-                                                   prefill_attention_pallas, args, static):
+    if name == "cpu":
+        from vllm_jax.kernels import cpu
+
+        return cpu.ragged_attention(*args, **static)
+    if name != "xla" and _pallas_runs(name, "prefill attention", prefill_attention_pallas, args,
+                                      static):
         return prefill_attention_pallas(*args, **static, interpret=name == "pallas_interpret")
     return prefill_attention(*args, **static)
 

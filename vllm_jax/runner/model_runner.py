@@ -113,8 +113,8 @@ def _unpack(flat, sizes):
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, eos_ids: list[int], num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_seqs: int, kv_dtype,
-                 mesh=None):
+                 max_num_seqs: int, max_num_batched_tokens: int, max_prefill_step_seqs: int,
+                 kv_dtype, mesh=None):
         self.cfg = model.cfg
         self.eos_ids = list(eos_ids)
         self.graphdef, self.state = nnx.split(model)
@@ -127,7 +127,8 @@ class ModelRunner:
         # into forms that copy every weight and the whole KV cache, 2x slower than 2 rows
         self.seq_buckets = buckets(max(max_num_seqs, 2), start=2)
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
-        self.prefill_seq_buckets = buckets(max_prefill_seqs)
+        # rows of a prefill-shaped step: prompt chunks, and in a mixed step decode rows too
+        self.prefill_seq_buckets = buckets(max_prefill_step_seqs)
         self.kv_dtype, self.mesh = kv_dtype, mesh
         self.reset_kv()
         if mesh is not None:
@@ -300,8 +301,9 @@ class ModelRunner:
 
     def warmup(self):
         """Compile every bucket the scheduler can produce (decode greedy and sampled)."""
-        layouts = [StepLayout(t, s, self.max_pages, False)
-                   for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
+        seqs = self.prefill_seq_buckets
+        layouts = [StepLayout(t, s, self.max_pages, False)  # a step has at most t sequences
+                   for t in self.token_buckets for s in seqs if s <= pick(seqs, min(t, seqs[-1]))]
         layouts += [StepLayout(s, s, self.max_pages, True, greedy)
                     for s in self.seq_buckets for greedy in (True, False)]
         empty = ScheduledBatch(False, [], [])

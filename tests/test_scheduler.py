@@ -1,0 +1,100 @@
+"""The scheduler's policy, without a model: which rows a step carries under the token budget."""
+from __future__ import annotations
+
+from vllm_jax.engine.block_manager import BlockManager
+from vllm_jax.engine.scheduler import Scheduler
+from vllm_jax.engine.sequence import Sequence
+from vllm_jax.sampling_params import SamplingParams
+
+PAGE = 4
+
+
+def make_scheduler(num_blocks=64, budget=16, mixed=True, max_prefill_seqs=2, **kw):
+    bm = BlockManager(num_blocks, PAGE, enable_prefix_caching=False)
+    return Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget,
+                     max_prefill_seqs=max_prefill_seqs, mixed=mixed, **kw)
+
+
+def request(n, first=0):
+    return Sequence(list(range(first, first + n)), SamplingParams(), seed=0)
+
+
+def run(batch):
+    """What the engine does after a step: the KV is computed, a finished prompt samples a token."""
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)
+
+
+def decoding(sched, *lengths):
+    seqs = [request(n, first=10 * i) for i, n in enumerate(lengths)]
+    for seq in seqs:
+        sched.add(seq)
+    while any(s.is_prefill or s.num_computed_tokens == 0 for s in seqs):
+        run(sched.schedule())
+    return seqs
+
+
+def test_a_step_with_waiting_prompts_carries_every_decode_row_first():
+    sched = make_scheduler(budget=16)
+    running = decoding(sched, 3, 5, 2)
+    waiting = [request(30, first=100), request(9, first=200)]
+    for seq in waiting:
+        sched.add(seq)
+    batch = sched.schedule()
+    assert not batch.decode and batch.num_decode_rows == 3
+    assert batch.seqs[:3] == running and batch.num_new_tokens[:3] == [1, 1, 1]
+    assert batch.seqs[3:] == [waiting[0]]  # prompt chunks fill the rest of the budget
+    assert batch.num_new_tokens[3:] == [16 - 3]
+    assert batch.num_tokens == 16
+
+
+def test_every_step_of_a_long_prompt_keeps_the_decode_rows():
+    sched = make_scheduler(budget=8)
+    running = decoding(sched, 3, 2)
+    long = request(40, first=100)
+    sched.add(long)
+    chunks = 0
+    while long.num_output_tokens == 0:
+        batch = sched.schedule()
+        assert batch.seqs[:2] == running and batch.num_decode_rows == 2
+        chunks += batch.seqs[2:] == [long]
+        run(batch)
+    assert chunks == -(-40 // 6)
+
+
+def test_mixed_prefill_tokens_caps_prompt_tokens_beside_decode_rows_only():
+    sched = make_scheduler(budget=16, mixed_prefill_tokens=5)
+    sched.add(request(30, first=100))
+    assert sched.schedule().num_new_tokens == [16]  # no decode rows: the whole budget
+    sched = make_scheduler(budget=16, mixed_prefill_tokens=5)
+    decoding(sched, 3, 2)
+    sched.add(request(30, first=100))
+    batch = sched.schedule()
+    assert batch.num_decode_rows == 2 and batch.num_new_tokens[2:] == [5]
+
+
+def test_without_prompts_a_step_is_a_pure_decode_step():
+    sched = make_scheduler()
+    running = decoding(sched, 3, 6)
+    batch = sched.schedule()
+    assert batch.decode and batch.seqs == running and batch.num_new_tokens == [1, 1]
+
+
+def test_separate_steps_put_prompts_first_without_decode_rows():
+    sched = make_scheduler(mixed=False)
+    decoding(sched, 3, 5)
+    fresh = request(6, first=100)
+    sched.add(fresh)
+    batch = sched.schedule()
+    assert batch.seqs == [fresh] and batch.num_decode_rows == 0
+
+
+def test_out_of_pages_a_decode_row_preempts_the_newest_and_admits_nobody():
+    sched = make_scheduler(num_blocks=3, budget=16)
+    old, new = decoding(sched, 4, 4)  # a full page each, plus a sampled token
+    sched.add(request(2, first=100))
+    batch = sched.schedule()
+    assert sched.num_preemptions == 1 and new in sched.waiting
+    assert batch.decode and batch.seqs == [old]
