@@ -152,6 +152,14 @@ def test_stop_strings_max_tokens_and_eos(llama):
     out = engine.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                                stop_token_ids=[tok], min_tokens=10))[0]
     assert tok not in out.outputs[0].token_ids[:10]
+    # past the 8 ids a step bans per row by default: every listed id stays banned
+    vocab = engine.model_config.vocab_size
+    produced = list(dict.fromkeys(full.outputs[0].token_ids[:10]))
+    fillers = [t for t in range(vocab) if t not in full.outputs[0].token_ids][:10]
+    many = fillers + produced
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                               stop_token_ids=many, min_tokens=10))[0]
+    assert not set(out.outputs[0].token_ids) & set(many)
 
 
 def test_over_long_prompt_is_rejected(llama):

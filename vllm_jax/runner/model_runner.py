@@ -29,7 +29,7 @@ log = logging.getLogger("vllm_jax")
 INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_tables:SB",
               "context_lens:S", "logits_indices:S", "top_k:S", "seed:S", "step:S",
               "min_tokens:S", "banned:SX")
-MAX_BANNED = 8  # eos and stop_token_ids masked while a sequence is below min_tokens
+MIN_BANNED = 8  # eos and stop_token_ids masked below min_tokens: the width's smallest bucket
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 
 
@@ -90,11 +90,12 @@ class StepLayout:
     greedy_only: bool = False
     logprobs: bool = False
     penalties: int = 0  # history length when any row uses penalties, else 0
+    banned: int = MIN_BANNED  # ids banned per row below min_tokens (a power of two from 8)
     prompt_logprobs: bool = False
 
     def int_sizes(self):
         n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
-             "SX": self.num_seqs * MAX_BANNED}
+             "SX": self.num_seqs * self.banned}
         sizes = [(f.split(":")[0], n[f.split(":")[1]]) for f in INT_FIELDS]
         if self.penalties:
             sizes += [("history", self.num_seqs * self.penalties), ("num_prompt", self.num_seqs)]
@@ -194,7 +195,7 @@ class ModelRunner:
         s = layout.num_seqs
         params = SamplingArrays(f["temperature"], i["top_k"], f["top_p"], f["min_p"],
                                 f["presence"], f["frequency"], f["repetition"], i["seed"],
-                                i["step"], i["min_tokens"], i["banned"].reshape(s, MAX_BANNED))
+                                i["step"], i["min_tokens"], i["banned"].reshape(s, layout.banned))
         history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
         tokens, lp, top_ids, top_lp = sample(
             logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
@@ -223,13 +224,17 @@ class ModelRunner:
             s = pick(self.prefill_seq_buckets, len(seqs))
         p = [q.params for q in seqs]
         penalties = self.max_model_len if any(x.uses_penalties for x in p) else 0
-        return StepLayout(
+        banned = max((len(self._banned(x)) for x in p if x.min_tokens), default=0)
+        return StepLayout(banned=max(MIN_BANNED, 1 << (banned - 1).bit_length()),
             num_tokens=t, num_seqs=s, max_pages=self.max_pages, decode=batch.decode,
             greedy_only=batch.decode and all(x.greedy for x in p),
             logprobs=any(x.logprobs is not None for x in p), penalties=penalties,
             prompt_logprobs=not batch.decode and any(
                 x.prompt_logprobs is not None and q.num_computed_tokens < q.num_prompt_tokens
                 for x, q in zip(p, seqs)))
+
+    def _banned(self, sp) -> list[int]:
+        return ([] if sp.ignore_eos else self.eos_ids) + sp.stop_token_ids
 
     def prepare(self, batch: ScheduledBatch, layout: StepLayout):
         s, b = layout.num_seqs, layout.max_pages
@@ -238,7 +243,7 @@ class ModelRunner:
         a["slot_mapping"][:] = oob
         a["seq_idx"][:] = s - 1
         a["banned"][:] = -1
-        banned = a["banned"].reshape(s, MAX_BANNED)
+        banned = a["banned"].reshape(s, layout.banned)
         tables = a["block_tables"].reshape(s, b)
         fl = {n: np.zeros(s, np.float32) for n in FLOAT_FIELDS}
         fl["top_p"][:] = 1.0
@@ -268,8 +273,8 @@ class ModelRunner:
             a["step"][row] = seq.num_output_tokens
             a["min_tokens"][row] = sp.min_tokens
             if sp.min_tokens:
-                ban = ([] if sp.ignore_eos else self.eos_ids) + sp.stop_token_ids
-                banned[row, :len(ban[:MAX_BANNED])] = ban[:MAX_BANNED]
+                ban = self._banned(sp)
+                banned[row, :len(ban)] = ban
             fl["temperature"][row] = sp.temperature
             fl["top_p"][row], fl["min_p"][row] = sp.top_p, sp.min_p
             fl["presence"][row] = sp.presence_penalty
