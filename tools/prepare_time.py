@@ -24,11 +24,11 @@ from vllm_jax.sampling_params import SamplingParams  # noqa: E402
 PAGE = 16
 
 
-def host_runner(max_len: int, num_pages: int) -> ModelRunner:
+def host_runner(max_len: int, num_pages: int, page_size: int = PAGE) -> ModelRunner:
     """A runner without a model: prepare and layout_for need only these fields."""
     runner = ModelRunner.__new__(ModelRunner)
-    runner.page_size, runner.num_pages, runner.eos_ids = PAGE, num_pages, [0]
-    runner.max_model_len, runner.max_pages = max_len, -(-max_len // PAGE)
+    runner.page_size, runner.num_pages, runner.eos_ids = page_size, num_pages, [0]
+    runner.max_model_len, runner.max_pages = max_len, -(-max_len // page_size)
     runner.seq_buckets = [2 ** i for i in range(1, 9)]
     return runner
 

@@ -1,8 +1,14 @@
-"""One generated sequence: its tokens, its pages, how much of it the KV cache holds."""
+"""One generated sequence: its tokens, its pages, how much of it the KV cache holds.
+
+`block_table` only grows by append while the sequence holds its pages; releasing them replaces
+the list. `block_array` relies on that to mirror it into int32 incrementally.
+"""
 from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+
+import numpy as np
 
 from vllm_jax.sampling_params import SamplingParams
 
@@ -27,6 +33,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self._mirrored: list[int] | None = None  # the block_table list `_pages` mirrors
+        self._pages = np.zeros(0, np.int32)
+        self._num_mirrored = 0
         self.block_hashes: list[int] = []  # hash chain of the full pages whose KV is computed
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
@@ -60,6 +69,21 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def block_array(self) -> np.ndarray:
+        """block_table as int32 without rebuilding it each step: only appended pages are copied."""
+        table = self.block_table
+        if table is not self._mirrored or len(table) < self._num_mirrored:
+            self._mirrored, self._num_mirrored = table, 0
+        n, done = len(table), self._num_mirrored
+        if n > done:
+            if n > len(self._pages):
+                grown = np.zeros(max(n, 2 * len(self._pages)), np.int32)
+                grown[:done] = self._pages[:done]
+                self._pages = grown
+            self._pages[done:n] = table[done:n]
+            self._num_mirrored = n
+        return self._pages[:n]
 
     def page_tokens(self, i: int, page_size: int) -> list[int]:
         return self.token_ids[i * page_size:(i + 1) * page_size]

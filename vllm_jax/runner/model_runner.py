@@ -31,6 +31,8 @@ INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_t
               "min_tokens:S", "banned:SX")
 MIN_BANNED = 8  # eos and stop_token_ids masked below min_tokens: the width's smallest bucket
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+SAMPLING_ATTRS = dict(zip(FLOAT_FIELDS, ("temperature", "top_p", "min_p", "presence_penalty",
+                                         "frequency_penalty", "repetition_penalty")))
 
 
 def kv_cache_shape(cfg, num_pages: int, page_size: int) -> tuple:
@@ -251,42 +253,69 @@ class ModelRunner:
         if layout.penalties:
             a["history"][:] = -1
             history = a["history"].reshape(s, layout.penalties)
+        self._fill_tokens(batch, layout, a, tables)
+        self._fill_sampling(batch.seqs, a, fl, banned)
+        if layout.penalties:
+            for row, seq in enumerate(batch.seqs):
+                history[row, :seq.num_tokens] = seq.token_ids
+                a["num_prompt"][row] = seq.num_prompt_tokens
+        ints = np.concatenate([a[name] for name, _ in layout.int_sizes()])
+        floats = np.concatenate([fl[n] for n in FLOAT_FIELDS])
+        return ints, floats
+
+    def _fill_tokens(self, batch: ScheduledBatch, layout: StepLayout, a: dict, tables):
+        """Per token: id, position, cache slot, row; per row: its pages and where it ends."""
+        for row, seq in enumerate(batch.seqs):
+            table = seq.block_array()
+            tables[row, :len(table)] = table
+        if all(n == 1 for n in batch.num_new_tokens) and not layout.prompt_logprobs:
+            self._fill_one_token_rows(batch.seqs, a)
+        else:
+            self._fill_chunks(batch, layout, a)
+        ends = np.cumsum(batch.num_new_tokens, dtype=np.int64)
+        rows = len(batch.seqs)
+        a["logits_indices"][:rows] = ends - 1
+        a["context_lens"][:rows] = [q.num_computed_tokens + n
+                                    for q, n in zip(batch.seqs, batch.num_new_tokens)]
+
+    def _fill_one_token_rows(self, seqs: list, a: dict):
+        """Every row computes one token (decode): fill each field as one column."""
+        rows, ps = len(seqs), self.page_size
+        pos = [q.num_computed_tokens for q in seqs]
+        a["tokens"][:rows] = [q.token_ids[p] for q, p in zip(seqs, pos)]
+        a["positions"][:rows] = pos
+        a["slot_mapping"][:rows] = [q.block_table[p // ps] * ps + p % ps for q, p in zip(seqs, pos)]
+        a["seq_idx"][:rows] = np.arange(rows)
+
+    def _fill_chunks(self, batch: ScheduledBatch, layout: StepLayout, a: dict):
         off = 0
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
+            table = seq.block_array()
             a["tokens"][off:off + n] = seq.token_ids[start:start + n]
             a["positions"][off:off + n] = pos
-            table = np.asarray(seq.block_table, np.int32)
             a["slot_mapping"][off:off + n] = table[pos // self.page_size] * self.page_size + (
                 pos % self.page_size)
             a["seq_idx"][off:off + n] = row
-            tables[row, :len(table)] = table
-            a["context_lens"][row] = start + n
-            a["logits_indices"][row] = off + n - 1
             if layout.prompt_logprobs:
                 tgt = seq.token_ids[start + 1:start + n + 1]
                 a["targets"][off:off + len(tgt)] = tgt
-            sp = seq.params
-            a["top_k"][row] = sp.top_k
-            a["seed"][row] = np.int64(seq.seed).astype(np.uint32).view(np.int32)
-            a["step"][row] = seq.num_output_tokens
-            a["min_tokens"][row] = sp.min_tokens
+            off += n
+
+    def _fill_sampling(self, seqs: list, a: dict, fl: dict, banned):
+        """Each row's sampling parameters, one column at a time."""
+        rows, p = len(seqs), [q.params for q in seqs]
+        a["top_k"][:rows] = [x.top_k for x in p]
+        a["seed"][:rows] = np.array([q.seed for q in seqs], np.int64).astype(np.uint32).view(np.int32)
+        a["step"][:rows] = [q.num_output_tokens for q in seqs]
+        a["min_tokens"][:rows] = [x.min_tokens for x in p]
+        for row, sp in enumerate(p):
             if sp.min_tokens:
                 ban = self._banned(sp)
                 banned[row, :len(ban)] = ban
-            fl["temperature"][row] = sp.temperature
-            fl["top_p"][row], fl["min_p"][row] = sp.top_p, sp.min_p
-            fl["presence"][row] = sp.presence_penalty
-            fl["frequency"][row] = sp.frequency_penalty
-            fl["repetition"][row] = sp.repetition_penalty
-            if layout.penalties:
-                history[row, :seq.num_tokens] = seq.token_ids
-                a["num_prompt"][row] = seq.num_prompt_tokens
-            off += n
-        ints = np.concatenate([a[name] for name, _ in layout.int_sizes()])
-        floats = np.concatenate([fl[n] for n in FLOAT_FIELDS])
-        return ints, floats
+        for name, attr in SAMPLING_ATTRS.items():
+            fl[name][:rows] = [getattr(x, attr) for x in p]
 
     def run(self, batch: ScheduledBatch, bitmask: Callable[[], np.ndarray] | None = None) -> dict:
         """Dispatch the step; returns device arrays (read them with jax.device_get).
