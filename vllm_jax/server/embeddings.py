@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from vllm_jax.pooling_params import PoolingParams
 from vllm_jax.server.protocol import APIError, EmbeddingRequest
+from vllm_jax.server.rendering import encode_prompt
 from vllm_jax.server.serving import ClientGone, ServerState
 
 BATCH_TIMEOUT_S = 600.0  # one device batch, a first compile included
@@ -43,23 +44,14 @@ async def create_embedding(state: ServerState, req: EmbeddingRequest, raw: Reque
 def _prepare(engine, req: EmbeddingRequest,
              params: PoolingParams) -> tuple[list[list[int]], list[list[int]]]:
     """The inputs' token ids, validated, and their indices grouped into device batches."""
-    prompts = [_token_ids(engine.tokenizer, x, req.add_special_tokens)
+    tok, limit = engine.tokenizer, engine.max_model_len
+    prompts = [x if not isinstance(x, str) else
+               encode_prompt(tok, x, req.add_special_tokens, limit, "input")
                for x in req.input_list()]
     try:
         return prompts, engine.embedding_batches(prompts, params)
     except ValueError as e:
         raise APIError(str(e), param="input") from None
-
-
-def _token_ids(tokenizer, item: str | list[int], add_special_tokens: bool) -> list[int]:
-    if not isinstance(item, str):
-        return item
-    try:
-        item.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(f"input is not valid text: {e.reason} at index {e.start}",
-                       param="input") from None
-    return tokenizer.encode(item, add_special_tokens=add_special_tokens)
 
 
 def _embed_on_engine_thread(state: ServerState, prompts: list[list[int]],
