@@ -6,8 +6,9 @@ program walks its contiguous 1/splits of every row's packed bytes and writes flo
 sums of the real tokens only; XLA sums the split axis. Splits are chosen so the grid holds
 >= MIN_PROGRAMS programs (4 per SM of a 132-SM H100) where partial sums stay under a quarter of
 the weight bytes. The roofline is the packed weight read once: see BENCHMARKS.md.
-Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps): each weight tile is dequantized once
-per 128 tokens, its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate,
+Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps), token tiles the fastest grid axis so
+the programs that share a weight tile run together (HBM reads it once, L2 serves the rest);
+each weight tile is dequantized once per 128 tokens, its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate,
 x permuted in XLA to match) so every dot is 128 deep, in x's dtype with float32 accumulation.
 `grouped_fused_qmatmul` runs the per-unit K loop for Mixture-of-Experts layers: token tiles of
 rows sorted by expert, each tile reading only its own expert's weights. Only `quant.qmatmul` and
@@ -132,10 +133,10 @@ def prefill_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None,
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((tokens_p, rows_p), x.dtype),
-        grid=(rows_p // bn, tokens_p // bm),
-        in_specs=[pl.BlockSpec((bm, cols), lambda i, j: (j, 0))]
-        + [pl.BlockSpec((bn, a.shape[1]), lambda i, j: (i, 0)) for a in arrays],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
+        grid=(tokens_p // bm, rows_p // bn),  # token tiles vary fastest: they share the weight
+        in_specs=[pl.BlockSpec((bm, cols), lambda j, i: (j, 0))]
+        + [pl.BlockSpec((bn, a.shape[1]), lambda j, i: (i, 0)) for a in arrays],
+        out_specs=pl.BlockSpec((bm, bn), lambda j, i: (j, i)),
         interpret=interpret,
         compiler_params=None if interpret else triton_params(*_prefill_launch(bm, bn)),
         name="qmatmul_prefill",
