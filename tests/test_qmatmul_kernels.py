@@ -95,6 +95,15 @@ MODEL_MATRICES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
                   (5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]
 
 
+def test_prefill_grid_fills_every_sm():
+    for rows, _ in MODEL_MATRICES:
+        for tokens in (17, 130, 512):
+            bm, bn = qp.prefill_tiling(rows, tokens)
+            assert bm >= min(tokens, 128) and bn >= 16
+            most = -(-rows // 16) * -(-tokens // bm)  # 16-row tiles: the narrowest dot
+            assert -(-rows // bn) * -(-tokens // bm) >= min(qp.SMS, most), (rows, tokens)
+
+
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q4_0"])
 def test_decode_grid_fills_every_sm_with_bounded_partial_sums(qtype):
     step, block_bytes = QTYPES[qtype][:2]

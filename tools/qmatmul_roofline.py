@@ -45,17 +45,19 @@ def decode_row(qtype, rows, cols, tokens) -> dict:
     bn, splits = qp.decode_tiling(rows, tokens, cols // step, step, w // rows)
     partial = 2 * splits * tokens * rows * 4 if splits > 1 else 0
     moved = w + 2 * tokens * cols + partial + 2 * tokens * rows
-    return dict(kernel="decode", tokens=tokens, programs=-(-rows // bn) * splits, splits=splits,
+    return dict(kernel="decode", tokens=tokens, tile=f"{bn} rows x K/{splits}",
+                programs=-(-rows // bn) * splits,
                 mib=round(moved / 2**20, 2), partial_share=round(partial / moved, 3),
                 roofline_us=round(1e6 * moved / HBM_BYTES_S, 1))
 
 
 def prefill_row(qtype, rows, cols, tokens) -> dict:
-    bm, bn = qp._PREFILL_TOKENS, qp._PREFILL_ROWS
+    bm, bn = qp.prefill_tiling(rows, tokens)
     tiles = -(-tokens // bm)
     moved = weight_bytes(qtype, rows, cols) + 2 * tokens * cols + 2 * tokens * rows
     flops = 2 * tokens * rows * cols
-    return dict(kernel="prefill", tokens=tokens, programs=-(-rows // bn) * tiles, splits=1,
+    return dict(kernel="prefill", tokens=tokens, tile=f"{bm} tokens x {bn} rows",
+                programs=-(-rows // bn) * tiles,
                 mib=round(moved / 2**20, 2), partial_share=0.0,
                 roofline_us=round(1e6 * max(moved / HBM_BYTES_S, flops / BF16_FLOP_S), 1),
                 bound="memory" if moved / HBM_BYTES_S > flops / BF16_FLOP_S else "compute")
@@ -71,7 +73,7 @@ def main(argv=None):
         for row in (decode_row(args.qtype, r, c, 1), decode_row(args.qtype, r, c, 16),
                     prefill_row(args.qtype, r, c, 512)):
             rows.append(dict(matrix=name, shape=f"{r}x{c}", **row))
-    cols = ["matrix", "shape", "kernel", "tokens", "programs", "splits", "mib",
+    cols = ["matrix", "shape", "kernel", "tokens", "tile", "programs", "mib",
             "partial_share", "roofline_us"]
     print(" | ".join(cols))
     for row in rows:

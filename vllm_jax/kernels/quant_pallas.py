@@ -6,7 +6,8 @@ program walks its contiguous 1/splits of every row's packed bytes and writes flo
 sums of the real tokens only; XLA sums the split axis. Splits are chosen so the grid holds
 >= MIN_PROGRAMS programs (4 per SM of a 132-SM H100) where partial sums stay under a quarter of
 the weight bytes. The roofline is the packed weight read once: see BENCHMARKS.md.
-Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps), token tiles the fastest grid axis so
+Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps; fewer rows where the grid would leave
+SMs idle), token tiles the fastest grid axis so
 the programs that share a weight tile run together (HBM reads it once, L2 serves the rest);
 each weight tile is dequantized once per 128 tokens, its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate,
 x permuted in XLA to match) so every dot is 128 deep, in x's dtype with float32 accumulation.
@@ -103,6 +104,15 @@ def decode_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, 
     return partial.sum(axis=0)[:, :rows].astype(x.dtype)
 
 
+def prefill_tiling(rows: int, tokens: int):
+    """(tokens, rows) per program: up to 128 x 64; fewer rows where that leaves SMs idle (a
+    narrow k/v projection, a short prefill), down to 16."""
+    bm = min(_PREFILL_TOKENS, max(16, pl.next_power_of_2(tokens)))
+    token_tiles = pl.cdiv(tokens, bm)
+    bn = next((bn for bn in (_PREFILL_ROWS, 32) if pl.cdiv(rows, bn) * token_tiles >= SMS), 16)
+    return bm, bn
+
+
 def _prefill_launch(bm, bn):
     """(warps, pipeline stages): three stages of 128 x 128-deep x tiles (two per K-quant step)
     overflow the H100's 227 KiB of shared memory per block with q5_k and q6_k; two fit all."""
@@ -113,8 +123,8 @@ def prefill_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None,
                     block_tokens=None):
     """GEMM for many tokens: x [tokens, cols] -> [tokens, rows], 128-deep dots."""
     tokens, rows = x.shape[0], next(iter(fields.values())).shape[0]
-    bn = block_rows or _PREFILL_ROWS
-    bm = block_tokens or min(_PREFILL_TOKENS, max(16, pl.next_power_of_2(tokens)))
+    bm, bn = prefill_tiling(rows, tokens)
+    bm, bn = block_tokens or bm, block_rows or bn
     names, arrays = _padded_fields(fields, bn)
     dtypes = tuple((k, jnp.dtype(a.dtype).name) for k, a in zip(names, arrays))
     group, merge = deep_plan(qtype, dtypes, cols // UNITS[qtype][0])
