@@ -7,7 +7,8 @@ moves, the prefill kernel's tiles, at Llama-3.1-8B's and QwQ-32B's projections.
 Decode bytes: the packed weight once (repack layout), x, the float32 partial sums written and
 read back (real tokens only), the output. Prefill: the weight once (the token tiles sharing a
 weight tile run side by side, so L2 serves all but the first read), x once (<= 28 MiB: it stays
-in the 50 MB L2), the output; and the bf16 FLOPs. Roofline = max(bytes / HBM bandwidth, FLOPs / tensor-core peak).
+in the 50 MB L2), the output; and the bf16 FLOPs.
+Roofline = max(bytes / HBM bandwidth, FLOPs / tensor-core peak).
 """
 from __future__ import annotations
 

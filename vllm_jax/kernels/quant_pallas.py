@@ -5,12 +5,14 @@ Decode (<= DECODE_MAX_TOKENS tokens) is a split-K GEMV: grid = (row tiles of 32,
 program walks its contiguous 1/splits of every row's packed bytes and writes float32 partial
 sums of the real tokens only; XLA sums the split axis. Splits are chosen so the grid holds
 >= MIN_PROGRAMS programs (4 per SM of a 132-SM H100) where partial sums stay under a quarter of
-the weight bytes. The roofline is the packed weight read once: see BENCHMARKS.md.
+the weight bytes. Its roofline is the packed weight read once (BENCHMARKS.md).
+
 Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps; fewer rows where the grid would leave
-SMs idle), token tiles the fastest grid axis so
-the programs that share a weight tile run together (HBM reads it once, L2 serves the rest);
-each weight tile is dequantized once per 128 tokens, its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate,
-x permuted in XLA to match) so every dot is 128 deep, in x's dtype with float32 accumulation.
+SMs idle). Token tiles are the fastest grid axis, so the programs sharing a weight tile run
+together (HBM reads it once, L2 serves the rest). Each weight tile is dequantized once per 128
+tokens and its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate, x
+permuted in XLA to match): every dot is 128 deep, in x's dtype with float32 accumulation.
+
 `grouped_fused_qmatmul` runs the per-unit K loop for Mixture-of-Experts layers: token tiles of
 rows sorted by expert, each tile reading only its own expert's weights. Only `quant.qmatmul` and
 moe.py import this module, and only for a Pallas backend, so CPU/Metal runs never import Pallas.
@@ -65,7 +67,7 @@ def decode_tiling(rows: int, tokens: int, n_blocks: int, step: int, row_bytes: i
     the weight bytes; the fewest such splits that give MIN_PROGRAMS programs, else the most."""
     bn = _DECODE_ROWS
     row_tiles = pl.cdiv(rows, bn)
-    fits = [s for s in _divisors(n_blocks) if s == 1 or (
+    fits = [s for s in _divisors(n_blocks) if s == 1 or (  # s * tokens * 4 B <= row_bytes / 4
         n_blocks // s * step >= _MIN_SPLIT_VALUES and 16 * s * tokens <= row_bytes)]
     return bn, next((s for s in fits if row_tiles * s >= MIN_PROGRAMS), fits[-1])
 
