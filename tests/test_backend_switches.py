@@ -43,8 +43,8 @@ def test_pallas_kernels_that_fail_to_compile_run_on_xla_with_one_warning_each(
         moe_model, xla_tokens, caplog, monkeypatch):
     got, failed = fallback_run(moe_model, caplog, monkeypatch, kernel_backend="pallas")
     assert got == xla_tokens
-    assert failed == ["decode attention", "dequant-matmul", "grouped dequant-matmul",
-                      "prefill attention"]
+    assert failed == ["decode attention", "dequant-matmul decode", "dequant-matmul prefill",
+                      "grouped dequant-matmul", "prefill attention"]
 
 
 def test_attention_and_matmul_backends_switch_separately(moe_model, xla_tokens, caplog,
@@ -52,7 +52,8 @@ def test_attention_and_matmul_backends_switch_separately(moe_model, xla_tokens, 
     got, failed = fallback_run(moe_model, caplog, monkeypatch, attention_backend="xla",
                                matmul_backend="pallas")
     assert got == xla_tokens
-    assert failed == ["dequant-matmul", "grouped dequant-matmul"]
+    assert failed == ["dequant-matmul decode", "dequant-matmul prefill",
+                      "grouped dequant-matmul"]
     got, failed = fallback_run(moe_model, caplog, monkeypatch, kernel_backend="xla",
                                attention_backend="pallas")
     assert got == xla_tokens

@@ -68,22 +68,36 @@ def test_prefill_attention_lowers_for_cuda(name, seqs):
     assert triton_calls(exported) == 1
 
 
-def qwq_matrices():
-    """(rows, cols) of QwQ-32B's distinct projections: q/o, k/v, gate/up, down."""
-    cfg = config("qwq-32b")[1]
+def model_matrices(name: str):
+    """(rows, cols) of a model's distinct projections: q/o, k/v, gate/up, down."""
+    cfg = config(name)[1]
     hidden, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
     return [(hidden, hidden), (kv, hidden), (inter, hidden), (hidden, inter)]
 
 
+MATMUL_TOKENS = (1, 16, 17, PREFILL_TOKENS)  # the decode kernel up to 16, prefill past it
+
+
+def assert_dequant_matmul_lowers(qtype, rows, cols):
+    fields = packed_shape(qtype, (rows, cols)).fields
+    matmul = functools.partial(quant.qmatmul, qtype=qtype, cols=cols, backend="pallas")
+    for tokens in MATMUL_TOKENS:
+        exported = export_for_cuda(matmul, Shape((tokens, cols), BF16), fields)
+        kernel = "qmatmul_decode_split_k" if tokens <= 16 else "qmatmul_prefill"
+        assert triton_calls(exported) == 1, (rows, cols, tokens)
+        assert f'name = "{kernel}"' in exported.mlir_module(), (rows, cols, tokens)
+        assert exported.out_avals[0].shape == (tokens, rows)
+
+
 @pytest.mark.parametrize("qtype", quant.QTYPES)
 def test_dequant_matmul_lowers_for_cuda_at_qwq_shapes(qtype):
-    for rows, cols in qwq_matrices():
-        fields = packed_shape(qtype, (rows, cols)).fields
-        for tokens in TOKENS:
-            matmul = functools.partial(quant.qmatmul, qtype=qtype, cols=cols, backend="pallas")
-            exported = export_for_cuda(matmul, Shape((tokens, cols), BF16), fields)
-            assert triton_calls(exported) == 1, (rows, cols, tokens)
-            assert exported.out_avals[0].shape == (tokens, rows)
+    for rows, cols in model_matrices("qwq-32b"):
+        assert_dequant_matmul_lowers(qtype, rows, cols)
+
+
+def test_q4_k_dequant_matmul_lowers_for_cuda_at_llama_shapes():
+    for rows, cols in model_matrices("llama3.1-8b"):
+        assert_dequant_matmul_lowers("q4_k", rows, cols)
 
 
 @pytest.mark.parametrize("qtype", quant.QTYPES)

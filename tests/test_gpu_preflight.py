@@ -29,6 +29,7 @@ def test_cpu_preflight_passes_every_stage_and_marks_timings_not_meaningful(tmp_p
     assert report["ok"] and report["cpu"]
     stages = {s["name"]: s for s in report["stages"]}
     assert all(r["meaningful"] is False for r in stages["speed"]["rows"])
+    assert {r.get("impl") for r in stages["speed"]["rows"]} >= {"pallas decode", "pallas prefill"}
     # every kernel checked against XLA on both cache dtypes, and the engine ran tokens
     for kind in ("decode", "prefill", "qmatmul"):
         rows = [r for r in stages["correctness"]["rows"] if r["case"].startswith(kind)]

@@ -1,6 +1,6 @@
 """GGUF block formats: bit-exact dequant vs gguf-py, byte-exact legacy quantizers, k-quant error
-bounds, and the fused Pallas kernels (interpret mode; the grouped MoE one too) against the XLA
-path and gguf-py."""
+bounds, and the grouped (MoE) Pallas kernel in interpret mode against gguf-py (the dense ones:
+test_qmatmul_kernels.py)."""
 from __future__ import annotations
 
 
@@ -151,33 +151,6 @@ def test_qmatmul_xla_matches_numpy_reference(qtype):
     ref = x.astype(np.float64) @ gguf_dequant(qt).T.astype(np.float64)
     assert y.shape == (2, 3, 21) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-
-
-@pytest.mark.parametrize("qtype", ALL)
-def test_pallas_interpret_matches_xla_on_ragged_shapes(qtype):
-    # 19 tokens (padded to one 32-token tile), 40 rows (padded to 48: three 16-row tiles)
-    cols = 2 * QTYPES[qtype][0] if qtype in KQUANTS else 96
-    w = np.random.default_rng(7).standard_normal((40, cols)).astype(np.float32)
-    fields = repack(quantize(w, qtype))
-    x = jnp.asarray(np.random.default_rng(8).standard_normal((19, cols)), jnp.float32)
-    run = jax.jit(qmatmul, static_argnums=(2, 3), static_argnames="backend")
-    want = np.asarray(run(x, fields, qtype, cols, backend="xla"))
-    got = np.asarray(run(x, fields, qtype, cols, backend="pallas_interpret"))
-    assert got.shape == (19, 40)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-def test_pallas_interpret_multi_tile_grid_in_bfloat16():
-    from vllm_jax.kernels.quant_pallas import fused_qmatmul
-
-    rng = np.random.default_rng(9)
-    fields = repack(quantize(rng.standard_normal((64, 512)).astype(np.float32), "q4_k"))
-    x = jnp.asarray(rng.standard_normal((70, 512)), jnp.bfloat16)  # 2 token tiles, 4 row tiles
-    got = fused_qmatmul(x, fields, "q4_k", 512, interpret=True)
-    want = qmatmul(x, fields, "q4_k", 512, backend="xla")
-    assert got.dtype == jnp.bfloat16 and got.shape == (70, 64)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
 
 
 def stacked_experts(qtype, n_experts, rows, cols, seed):

@@ -90,9 +90,9 @@ def lowering_cases(cpu: bool):
         _decode_lowering(LLAMA_8B, 16, 4096, jnp.float32, False),
         _prefill_lowering(QWEN3_06B, 512, 8, 32768, bf16, False),
         _prefill_lowering(LLAMA_8B, 512, 1, 32768, bf16, False),
-        *(_qmatmul_lowering(t, h, h, 16, bf16, False) for t in cases.GGUF_TYPES),
+        *(_qmatmul_lowering(t, h, h, n, bf16, False) for t in cases.GGUF_TYPES for n in (16, 512)),
         *(_qmatmul_lowering("q4_k", r, c, n, bf16, False)
-          for r, c in ((i, h), (h, i)) for n in (1, 256)),
+          for r, c in cases.MATMUL_SHAPES[1:] for n in (1, 16, 512)),
         _grouped_lowering("q4_k", 128, 768, 2048, 128, bf16, False),
     ]
 
@@ -155,8 +155,8 @@ def _attention_check(batch, dtype, interpret, prefill: bool, window, **kernel_kw
     return _compare(got, want, _tol(dtype, interpret))
 
 
-def _qmatmul_check(qtype, dtype, interpret):
-    rows, cols, tokens = 40, 512, 19  # a ragged token tile, a padded row tile
+def _qmatmul_check(qtype, dtype, interpret, tokens):
+    rows, cols = 40, 512  # a padded row tile; 3 tokens: the decode kernel, 19: prefill
     fields = cases.quantized_matrix(1, qtype, rows, cols)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((tokens, cols)), dtype)
     with jax.default_matmul_precision("highest"):
@@ -209,8 +209,10 @@ def correctness(ctx) -> list[dict]:
            case=f"decode {shapes[0].name} 3 splits of 16-key steps", dtype="float32")
     for qtype in CPU_QTYPES if ctx.cpu else cases.GGUF_TYPES:
         for dtype in dtypes[:1] if ctx.cpu and qtype != "q4_k" else dtypes:
-            record(rows, lambda t=qtype, d=dtype: _qmatmul_check(t, d, ctx.interpret),
-                   case=f"qmatmul {qtype}", dtype=np.dtype(dtype).name)
+            for tokens in (19,) if ctx.cpu and qtype != "q4_k" else (3, 19):
+                record(rows, lambda t=qtype, d=dtype, n=tokens: _qmatmul_check(
+                    t, d, ctx.interpret, n), case=f"qmatmul {qtype} x {tokens} tokens",
+                       dtype=np.dtype(dtype).name)
     for qtype in ("q4_k",) if ctx.cpu else ("q4_k", "q6_k", "q8_0"):
         record(rows, lambda t=qtype: _grouped_check(t, jnp.float32, ctx.interpret),
                case=f"grouped qmatmul {qtype}", dtype="float32")

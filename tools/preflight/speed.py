@@ -2,8 +2,9 @@
 call must read, and as a fraction of the device's measured read bandwidth.
 
 Decode attention (Llama-3.1-8B heads, bf16 cache) at 16 and 256 sequences x 1k-32k context,
-Pallas against the XLA reference; the Q4_K dequant-matmul at QwQ-32B's MLP shapes for 1, 16 and
-256 tokens, Pallas against XLA's dequantize-then-dot and a dense bf16 matmul. Every timing is
+Pallas against the XLA reference; the Q4_K dequant-matmul at QwQ-32B's and Llama-3.1-8B's
+shapes for 1 and 16 tokens (the split-K decode kernel) and 512 (the prefill kernel), Pallas
+against XLA's dequantize-then-dot and a dense bf16 matmul. Every timing is
 the median of several calls after warm-up runs, each ended by block_until_ready. With --cpu the
 shapes are tiny and the kernels interpreted: the rows say so ("meaningful": false).
 """
@@ -21,7 +22,7 @@ from preflight import cases, record
 from preflight.cases import LLAMA_8B, PAGE_SIZE, TINY
 from vllm_jax.kernels import paged_attention as pa
 from vllm_jax.kernels import quant
-from vllm_jax.kernels.quant_pallas import fused_qmatmul
+from vllm_jax.kernels.quant_pallas import fused_qmatmul, regime
 
 SCALE = 0.125
 
@@ -87,9 +88,8 @@ def _decode_rows(rows, ctx, bandwidth):
 
 def _matmul_rows(rows, ctx, bandwidth):
     qtype = "q4_k"
-    shapes = ([(256, 512)] if ctx.cpu else
-              [(cases.QWQ_INTERMEDIATE, cases.QWQ_HIDDEN), (cases.QWQ_HIDDEN, cases.QWQ_INTERMEDIATE)])
-    token_counts = (16,) if ctx.cpu else (1, 16, 256)
+    shapes = [(256, 512)] if ctx.cpu else cases.MATMUL_SHAPES
+    token_counts = (1, 20) if ctx.cpu else (1, 16, 512)
     for r, c in shapes:
         fields = random_packed(jax.random.key(r), packed_shape(qtype, (r, c))).fields
         dense = jax.random.normal(jax.random.key(c), (r, c), jnp.bfloat16) * 0.02
@@ -110,7 +110,8 @@ def _matmul_rows(rows, ctx, bandwidth):
                     return {**_rate(nbytes, seconds, bandwidth),
                             "tflop_s": round(2 * tokens * r * c / seconds / 1e12, 2)}
                 record(rows, measure, case=f"{qtype} matmul [{r}x{c}] x {tokens} tokens",
-                       impl=impl, mib_read=round(nbytes / 2**20, 1))
+                       impl=f"pallas {regime(tokens)}" if impl == "pallas" else impl,
+                       mib_read=round(nbytes / 2**20, 1))
 
 
 def speed(ctx) -> list[dict]:

@@ -3,8 +3,9 @@
 A loader hands over a `QuantTensor` (the GGUF bytes of an [out_features, in_features] matrix,
 blocks running along the columns); `repack` splits each block into a dict of plain arrays, all
 with `rows` as leading dim, so row gathers (embeddings) and row sharding work on the dict;
-`qmatmul` multiplies by them without materializing the float weight on GPU (Pallas kernel in
-`quant_pallas.py`) and through `dequantize` + dot elsewhere.
+`qmatmul` multiplies by them without materializing the float weight on GPU (Pallas kernels in
+`quant_pallas.py`: a split-K GEMV for decode, a GEMM for prefill, picked by token count) and
+through `dequantize` + dot elsewhere.
 
 Field layouts, each [rows, ...] (n = blocks per row; quant bytes keep GGUF's order: in q4_0..q5_1
 byte j of a block holds values j (low nibble) and j + 16; in q4_k/q5_k byte j of 32-byte chunk c
@@ -242,9 +243,7 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
         from vllm_jax.kernels import cpu
 
         y = cpu.qmatmul(x2, fields, qtype)
-    elif backend != "xla" and kernel_backend.pallas_runs(
-            backend, "dequant-matmul", lambda x2, f: _fused_qmatmul(x2, f, qtype, cols),
-            (x2, fields), (qtype, cols)):
+    elif backend != "xla" and _pallas_runs(backend, x2, fields, qtype, cols):
         y = _fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
     else:
         w = dequantize(fields, qtype, cols, dtype=x.dtype)
@@ -257,6 +256,16 @@ def _fused_qmatmul(*args, **kwargs):
     from vllm_jax.kernels.quant_pallas import fused_qmatmul  # Pallas only where it runs
 
     return fused_qmatmul(*args, **kwargs)
+
+
+def _pallas_runs(backend, x2, fields, qtype, cols) -> bool:
+    """Whether the Pallas kernel for x2's token count (decode or prefill) compiles: each falls
+    back to XLA on its own."""
+    from vllm_jax.kernels.quant_pallas import regime
+
+    return kernel_backend.pallas_runs(
+        backend, f"dequant-matmul {regime(x2.shape[0])}",
+        lambda x2, f: _fused_qmatmul(x2, f, qtype, cols), (x2, fields), (qtype, cols))
 
 
 # ---------------------------------------------------------------------------------------------

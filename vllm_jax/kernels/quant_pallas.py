@@ -1,185 +1,158 @@
-"""Fused dequant-matmul Pallas kernel over the fields of `quant.repack` (GPU, Triton lowering).
+"""Fused dequant-matmul Pallas kernels over the fields of `quant.repack` (GPU, Triton lowering),
+shaped for the two regimes of a step; `fused_qmatmul` picks one by token count at trace time.
 
-Grid = (row tiles, token tiles). Each program keeps its [block_rows, all bytes] slice of the
-packed weight and its [block_tokens, cols] slice of x, walks K one GGUF block (32 values) or
-super-block (256) per loop step, and dequantizes "units" of 16 or 32 values that share one scale:
-a unit is [block_rows, size] integers times per-row scale columns (two columns split by lane
-for 16-value sub-blocks), so the kernel needs no in-register reshapes or gathers, only loads,
-shifts, masks, selects, broadcasts and dots (>= 16 wide, as Triton requires); `x @ unit.T`
-accumulates in float32. `grouped_fused_qmatmul` runs the same K loop for Mixture-of-Experts
-layers: token tiles of rows sorted by expert, each tile reading only its own expert's weights.
-Only `quant.qmatmul` imports this module, and only for a Pallas backend, so CPU/Metal runs never
-import Pallas.
+Decode (<= DECODE_MAX_TOKENS tokens) is a split-K GEMV: grid = (row tiles of 32, K splits), each
+program walks its contiguous 1/splits of every row's packed bytes and writes float32 partial
+sums of the real tokens only; XLA sums the split axis. Splits are chosen so the grid holds
+>= MIN_PROGRAMS programs (4 per SM of a 132-SM H100) where partial sums stay under a quarter of
+the weight bytes. Its roofline is the packed weight read once (BENCHMARKS.md).
+
+Prefill is a GEMM tiled 128 tokens x 64 rows (8 warps; fewer rows where the grid would leave
+SMs idle). Token tiles are the fastest grid axis, so the programs sharing a weight tile run
+together (HBM reads it once, L2 serves the rest). Each weight tile is dequantized once per 128
+tokens and its 16/32-value units merged into 128-deep tiles (quant_units.deep_accumulate, x
+permuted in XLA to match): every dot is 128 deep, in x's dtype with float32 accumulation.
+
+`grouped_fused_qmatmul` runs the per-unit K loop for Mixture-of-Experts layers: token tiles of
+rows sorted by expert, each tile reading only its own expert's weights. Only `quant.qmatmul` and
+moe.py import this module, and only for a Pallas backend, so CPU/Metal runs never import Pallas.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from vllm_jax.kernels.quant_units import (UNITS, accumulate, deep_accumulate, deep_permutation,
+                                          deep_plan, precision, triton_params)
 
 _F32 = jnp.float32
+DECODE_MAX_TOKENS = 16  # the smallest Triton dot: up to here one token tile serves the batch
+SMS = 132  # H100 SXM
+MIN_PROGRAMS = 4 * SMS
+_DECODE_ROWS = 32
+_MIN_SPLIT_VALUES = 256  # one super-block, eight legacy blocks: a split's loop is not trivial
+_PREFILL_TOKENS, _PREFILL_ROWS = 128, 64
 
 
-def _col(ref, i):  # [bn, 1] float32: one scale per row
-    return ref[:, pl.ds(i, 1)].astype(_F32)
+def regime(tokens: int) -> str:
+    """Which kernel `fused_qmatmul` runs for `tokens` rows of x: "decode" or "prefill"."""
+    return "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
 
 
-def _load(ref, start, size):  # [bn, size] int32
-    return ref[:, pl.ds(start, size)].astype(jnp.int32)
-
-
-def _units_legacy(f, b, qtype):
-    """Block b (32 values) -> [(offset, unit [bn, size] f32)]."""
-    d = _col(f["d"], b)
-    if qtype == "q8_0":
-        return [(0, d * _load(f["qs"], b * 32, 32).astype(_F32))]
-    qs = _load(f["qs"], b * 16, 16)
-    q = [qs & 15, qs >> 4]
-    if qtype in ("q5_0", "q5_1"):
-        qh = f["qh"][:, pl.ds(b, 1)]  # [bn, 1] uint32
-        shift = jax.lax.broadcasted_iota(jnp.uint32, (1, 16), 1)
-        q = [q[h] | (((qh >> (shift + 16 * h)) & 1).astype(jnp.int32) << 4) for h in (0, 1)]
-    if qtype in ("q4_0", "q5_0"):
-        zero = 8 if qtype == "q4_0" else 16
-        return [(16 * h, d * (q[h] - zero).astype(_F32)) for h in (0, 1)]
-    m = _col(f["m"], b)
-    return [(16 * h, d * q[h].astype(_F32) + m) for h in (0, 1)]
-
-
-def _pair(ref, i):  # [bn, 32] int32: column i for lanes 0..15, column i + 1 for lanes 16..31
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, 32), 1)
-    return jnp.where(lane < 16, _load(ref, i, 1), _load(ref, i + 1, 1))
-
-
-def _units_q2_k(f, b):
-    d, dmin = _col(f["d"], b), _col(f["dmin"], b)
-    out = []
-    for h in range(2):
-        qs = _load(f["qs"], b * 64 + h * 32, 32)
-        for s in range(4):
-            sc = _pair(f["sc"], b * 16 + h * 8 + s * 2)
-            dl, ml = d * (sc & 15).astype(_F32), dmin * (sc >> 4).astype(_F32)
-            out.append((h * 128 + s * 32, dl * ((qs >> 2 * s) & 3).astype(_F32) - ml))
-    return out
-
-
-def _units_q3_k(f, b):
-    d = _col(f["d"], b)
-    hm = _load(f["hmask"], b * 32, 32)
-    out = []
-    for h in range(2):
-        qs = _load(f["qs"], b * 64 + h * 32, 32)
-        for s in range(4):
-            q = ((qs >> 2 * s) & 3) - 4 + 4 * ((hm >> (h * 4 + s)) & 1)
-            dl = d * _pair(f["sc"], b * 16 + h * 8 + s * 2).astype(_F32)
-            out.append((h * 128 + s * 32, dl * q.astype(_F32)))
-    return out
-
-
-def _units_q45_k(f, b, qtype):
-    d, dmin = _col(f["d"], b), _col(f["dmin"], b)
-    qh = _load(f["qh"], b * 32, 32) if qtype == "q5_k" else None
-    out = []
-    for c in range(4):
-        qs = _load(f["qs"], b * 128 + c * 32, 32)
-        for h in range(2):
-            sub = 2 * c + h
-            q = (qs >> 4 * h) & 15
-            if qh is not None:
-                q = q | (((qh >> sub) & 1) << 4)
-            dl = d * _col(f["sc"], b * 8 + sub)
-            dm = dmin * _col(f["m"], b * 8 + sub)
-            out.append((sub * 32, dl * q.astype(_F32) - dm))
-    return out
-
-
-def _units_q6_k(f, b):
-    d = _col(f["d"], b)
-    out = []
-    for c in range(2):
-        qh = _load(f["qh"], b * 64 + c * 32, 32)
-        for s in range(4):  # 32-value group inside this 128-value half
-            ql = _load(f["ql"], b * 128 + c * 64 + (s % 2) * 32, 32)
-            q = (((ql >> 4 * (s // 2)) & 15) | (((qh >> 2 * s) & 3) << 4)) - 32
-            dl = d * _pair(f["sc"], b * 16 + c * 8 + s * 2).astype(_F32)
-            out.append((c * 128 + s * 32, dl * q.astype(_F32)))
-    return out
-
-
-_UNITS = {  # qtype -> (values per loop step, units function)
-    **{t: (32, functools.partial(_units_legacy, qtype=t))
-       for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
-    "q2_k": (256, _units_q2_k),
-    "q3_k": (256, _units_q3_k),
-    "q4_k": (256, functools.partial(_units_q45_k, qtype="q4_k")),
-    "q5_k": (256, functools.partial(_units_q45_k, qtype="q5_k")),
-    "q6_k": (256, _units_q6_k),
-}
-
-
-def _pick_block_rows(rows: int) -> int:
-    """Largest power of two in 16..128 dividing rows that still leaves >= 128 row tiles."""
-    for bn in (128, 64, 32):
-        if rows % bn == 0 and rows // bn >= 128:
-            return bn
-    return 16
-
-
-def _triton_params():
-    """Selects the Triton lowering (JAX >= 0.10 defaults pallas_call on GPU to Mosaic GPU)."""
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams()
-
-
-def _accumulate(x_ref, f, qtype, cols, bm, bn, precision):
-    """sum over K of x_ref [bm, cols] @ dequantized units of f's [bn, ...] refs -> [bm, bn] f32."""
-    step, units = _UNITS[qtype]
-
-    def body(b, acc):
-        for offset, w in units(f, b):
-            xs = x_ref[:, pl.ds(b * step + offset, w.shape[1])]  # [bm, size]
-            acc += jax.lax.dot_general(xs, w.astype(xs.dtype), (((1,), (1,)), ((), ())),
-                                       precision=precision, preferred_element_type=_F32)
-        return acc
-
-    return jax.lax.fori_loop(0, cols // step, body, jnp.zeros((bm, bn), _F32))
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
-def fused_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, block_tokens=None):
+def fused_qmatmul(x, fields, qtype, cols, *, interpret=False):
     """x [tokens, cols] @ dequantize(fields).T -> [tokens, rows] in x.dtype."""
+    run = decode_qmatmul if regime(x.shape[0]) == "decode" else prefill_qmatmul
+    return run(x, fields, qtype, cols, interpret=interpret)
+
+
+def _padded_fields(fields, multiple):
+    """(sorted names, arrays with rows padded to `multiple`); zero scales: padded rows are 0."""
     names = sorted(fields)
     arrays = [jnp.asarray(fields[k]) for k in names]
-    rows, tokens = arrays[0].shape[0], x.shape[0]
-    bn = block_rows or _pick_block_rows(rows)
-    bm = block_tokens or min(64, max(16, pl.next_power_of_2(tokens)))
-    rows_p, tokens_p = pl.cdiv(rows, bn) * bn, pl.cdiv(tokens, bm) * bm
-    if rows_p != rows:  # zero scales: padded rows come out 0 and are sliced away
-        arrays = [jnp.pad(a, ((0, rows_p - rows), (0, 0))) for a in arrays]
-    x = jnp.pad(x, ((0, tokens_p - tokens), (0, 0)))
-    precision = _precision(x.dtype)
+    pad = -arrays[0].shape[0] % multiple
+    if pad:
+        arrays = [jnp.pad(a, ((0, pad), (0, 0))) for a in arrays]
+    return names, arrays
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def decode_tiling(rows: int, tokens: int, n_blocks: int, step: int, row_bytes: int):
+    """(rows per program, K splits) for the decode kernel. Splits divide n_blocks (so every
+    field splits evenly), keep >= _MIN_SPLIT_VALUES per split and partial sums <= a quarter of
+    the weight bytes; the fewest such splits that give MIN_PROGRAMS programs, else the most."""
+    bn = _DECODE_ROWS
+    row_tiles = pl.cdiv(rows, bn)
+    fits = [s for s in _divisors(n_blocks) if s == 1 or (  # s * tokens * 4 B <= row_bytes / 4
+        n_blocks // s * step >= _MIN_SPLIT_VALUES and 16 * s * tokens <= row_bytes)]
+    return bn, next((s for s in fits if row_tiles * s >= MIN_PROGRAMS), fits[-1])
+
+
+def decode_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, splits=None):
+    """Split-K GEMV for <= DECODE_MAX_TOKENS tokens: x [tokens, cols] -> [tokens, rows]."""
+    tokens, step = x.shape[0], UNITS[qtype][0]
+    if tokens > DECODE_MAX_TOKENS:
+        raise ValueError(f"decode_qmatmul takes <= {DECODE_MAX_TOKENS} tokens, got {tokens}")
+    rows, n_blocks = next(iter(fields.values())).shape[0], cols // step
+    row_bytes = sum(a.shape[1] * jnp.dtype(a.dtype).itemsize for a in fields.values())
+    bn, ns = decode_tiling(rows, tokens, n_blocks, step, row_bytes)
+    bn, ns = block_rows or bn, splits or ns
+    names, arrays = _padded_fields(fields, bn)
+    bm, kc = DECODE_MAX_TOKENS, cols // ns
+    xp = jnp.pad(x, ((0, bm - tokens), (0, 0)))
+    prec = precision(x.dtype)
+
+    def kernel(x_ref, *refs):
+        *field_refs, o_ref = refs
+        acc = accumulate(x_ref, dict(zip(names, field_refs)), qtype, kc, bm, bn, prec)
+        real = jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < tokens
+        pltriton.store(o_ref, acc, mask=real)  # rows past `tokens` lie outside the output
+
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((ns, tokens, arrays[0].shape[0]), _F32),
+        grid=(arrays[0].shape[0] // bn, ns),
+        in_specs=[pl.BlockSpec((bm, kc), lambda i, k: (0, k))]
+        + [pl.BlockSpec((bn, a.shape[1] // ns), lambda i, k: (i, k)) for a in arrays],
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, k: (k, 0, i)),
+        interpret=interpret,
+        compiler_params=None if interpret else triton_params(),
+        name="qmatmul_decode_split_k",
+    )(xp, *arrays)
+    return partial.sum(axis=0)[:, :rows].astype(x.dtype)
+
+
+def prefill_tiling(rows: int, tokens: int):
+    """(tokens, rows) per program: up to 128 x 64; fewer rows where that leaves SMs idle (a
+    narrow k/v projection, a short prefill), down to 16."""
+    bm = min(_PREFILL_TOKENS, max(16, pl.next_power_of_2(tokens)))
+    token_tiles = pl.cdiv(tokens, bm)
+    bn = next((bn for bn in (_PREFILL_ROWS, 32) if pl.cdiv(rows, bn) * token_tiles >= SMS), 16)
+    return bm, bn
+
+
+def _prefill_launch(bm, bn):
+    """(warps, pipeline stages): three stages of 128 x 128-deep x tiles (two per K-quant step)
+    overflow the H100's 227 KiB of shared memory per block with q5_k and q6_k; two fit all."""
+    return (8, 2) if bm * bn >= _PREFILL_TOKENS * _PREFILL_ROWS else (4, 2)
+
+
+def prefill_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None,
+                    block_tokens=None):
+    """GEMM for many tokens: x [tokens, cols] -> [tokens, rows], 128-deep dots."""
+    tokens, rows = x.shape[0], next(iter(fields.values())).shape[0]
+    bm, bn = prefill_tiling(rows, tokens)
+    bm, bn = block_tokens or bm, block_rows or bn
+    names, arrays = _padded_fields(fields, bn)
+    dtypes = tuple((k, jnp.dtype(a.dtype).name) for k, a in zip(names, arrays))
+    group, merge = deep_plan(qtype, dtypes, cols // UNITS[qtype][0])
+    perm = deep_permutation(qtype, dtypes, cols, group, merge)
+    tokens_p = pl.cdiv(tokens, bm) * bm
+    xp = jnp.pad(jnp.take(x, perm, axis=1), ((0, tokens_p - tokens), (0, 0)))
+    prec = precision(x.dtype)
 
     def kernel(x_ref, *refs):
         *field_refs, o_ref = refs
         f = dict(zip(names, field_refs))
-        o_ref[...] = _accumulate(x_ref, f, qtype, cols, bm, bn, precision).astype(o_ref.dtype)
+        acc = deep_accumulate(x_ref, f, qtype, cols, bm, bn, prec, group, merge)
+        o_ref[...] = acc.astype(o_ref.dtype)
 
+    rows_p = arrays[0].shape[0]
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((tokens_p, rows_p), x.dtype),
-        grid=(rows_p // bn, tokens_p // bm),
-        in_specs=[pl.BlockSpec((bm, cols), lambda i, j: (j, 0))]
-        + [pl.BlockSpec((bn, a.shape[1]), lambda i, j: (i, 0)) for a in arrays],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
+        grid=(tokens_p // bm, rows_p // bn),  # token tiles vary fastest: they share the weight
+        in_specs=[pl.BlockSpec((bm, cols), lambda j, i: (j, 0))]
+        + [pl.BlockSpec((bn, a.shape[1]), lambda j, i: (i, 0)) for a in arrays],
+        out_specs=pl.BlockSpec((bm, bn), lambda j, i: (j, i)),
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
-    )(x, *arrays)
+        compiler_params=None if interpret else triton_params(*_prefill_launch(bm, bn)),
+        name="qmatmul_prefill",
+    )(xp, *arrays)
     return out[:tokens, :rows]
 
 
@@ -187,6 +160,14 @@ def fused_qmatmul(x, fields, qtype, cols, *, interpret=False, block_rows=None, b
 # grouped (Mixture of Experts) variant
 
 _GROUP_TILE = 16  # token rows per tile: the smallest Triton dot, so decode pads least
+
+
+def _group_block_rows(rows: int) -> int:
+    """Largest power of two in 16..128 dividing rows that still leaves >= 128 row tiles."""
+    for bn in (128, 64, 32):
+        if rows % bn == 0 and rows // bn >= 128:
+            return bn
+    return 16
 
 
 class _ExpertRef:
@@ -251,13 +232,13 @@ def grouped_fused_qmatmul(x2, fields: dict, group_sizes, qtype: str, cols: int, 
     n_experts, rows = arrays[0].shape[:2]
     tokens = x2.shape[0]
     bm = _GROUP_TILE
-    bn = _pick_block_rows(rows)
+    bn = _group_block_rows(rows)
     rows_p = pl.cdiv(rows, bn) * bn
     if rows_p != rows:  # zero scales: padded rows come out 0 and are sliced away
         arrays = [jnp.pad(a, ((0, 0), (0, rows_p - rows), (0, 0))) for a in arrays]
     tiles, tile_expert, src, dest = _group_layout(jnp.asarray(group_sizes), n_experts, tokens, bm)
     xp = jnp.take(x2, src, axis=0, mode="fill", fill_value=0)  # [tiles * bm, cols]
-    precision = _precision(x2.dtype)
+    prec = precision(x2.dtype)
 
     def kernel(te_ref, x_ref, *refs):
         *field_refs, o_ref = refs
@@ -270,7 +251,7 @@ def grouped_fused_qmatmul(x2, fields: dict, group_sizes, qtype: str, cols: int, 
         @pl.when(e >= 0)
         def _():
             f = {k: _ExpertRef(r, e) for k, r in zip(names, field_refs)}
-            o_ref[...] = _accumulate(x_ref, f, qtype, cols, bm, bn, precision)
+            o_ref[...] = accumulate(x_ref, f, qtype, cols, bm, bn, prec)
 
     out = pl.pallas_call(
         kernel,
@@ -281,7 +262,7 @@ def grouped_fused_qmatmul(x2, fields: dict, group_sizes, qtype: str, cols: int, 
         + [pl.BlockSpec((n_experts, bn, a.shape[2]), lambda i, j: (0, i, 0)) for a in arrays],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (j, i)),
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
+        compiler_params=None if interpret else triton_params(),
         name="grouped_fused_qmatmul",
     )(tile_expert, xp, *arrays)
     return jnp.take(out[:, :rows], dest, axis=0, mode="fill", fill_value=0)
