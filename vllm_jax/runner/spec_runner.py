@@ -1,0 +1,65 @@
+"""Device side of speculative decoding: the target's verification step (Verifier).
+
+A verification step is prefill-shaped: row r computes its last token and its proposals (they
+sit at the end of its token_ids while the step is prepared), and its logits are read at each
+of those positions. Rows propose up to k tokens; a row with fewer repeats its last logits
+index and pads its proposals with -1 (never accepted). Compiled once per StepLayout, whose
+`spec` is k.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from vllm_jax import parallel
+from vllm_jax.engine.scheduler import ScheduledBatch
+from vllm_jax.runner import rejection
+from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, pick, sampling_arrays
+
+
+class Verifier:
+    def __init__(self, runner: ModelRunner, k: int):
+        self.runner, self.k = runner, k
+        self._verify = parallel.under_mesh(
+            jax.jit(self._verify_impl, static_argnums=(6,), donate_argnums=(1,)), runner.mesh)
+
+    def layout(self, seqs, drafts) -> StepLayout:
+        runner = self.runner
+        decode = runner.layout_for(ScheduledBatch(True, seqs, [1] * len(seqs)))
+        return dataclasses.replace(decode, decode=False, spec=self.k, num_tokens=pick(
+            runner.token_buckets, sum(1 + len(d) for d in drafts)))
+
+    def run(self, seqs, drafts: list[list[int]], draft_probs=None) -> dict:
+        """drafts: each row's proposals, already appended to its token_ids (with pages for
+        them); draft_probs [rows, k, V] or None (point masses). Returns device arrays."""
+        layout = self.layout(seqs, drafts)
+        counts = np.array([len(d) for d in drafts])
+        batch = ScheduledBatch(False, seqs, list(1 + counts))
+        ints, floats = self.runner.prepare(batch, layout)
+        fields = _unpack(ints, layout.int_sizes())  # views into ints
+        rows, s, k = len(seqs), layout.num_seqs, self.k
+        fields["step"][:rows] -= counts  # num_output_tokens counted the proposals
+        starts = np.cumsum(1 + counts) - (1 + counts)
+        indices = fields["logits_indices"].reshape(s, k + 1)
+        indices[:rows] = starts[:, None] + np.minimum(np.arange(k + 1)[None, :], counts[:, None])
+        padded = np.full((s, k), -1, np.int32)
+        for row, d in enumerate(drafts):
+            padded[row, :len(d)] = d
+        if draft_probs is not None:
+            draft_probs = np.pad(draft_probs, ((0, s - rows), (0, 0), (0, 0)))
+        runner = self.runner
+        runner.kv, out = self._verify(runner.leaves, runner.kv, ints, floats, padded,
+                                      draft_probs, layout)
+        return out
+
+    def _verify_impl(self, leaves, kv, ints, floats, drafts, draft_probs, layout: StepLayout):
+        self.runner._count_compile("verify", layout)
+        kv, logits, _ = self.runner._forward_pass(leaves, kv, ints, layout)
+        params, history, num_prompt = sampling_arrays(ints, floats, layout)
+        context_lens = _unpack(ints, layout.int_sizes())["context_lens"]
+        num_tokens = context_lens - (drafts >= 0).sum(axis=1)
+        return kv, rejection.verify(logits, params, history, num_prompt, num_tokens, drafts,
+                                    draft_probs, greedy_only=layout.greedy_only,
+                                    want_logprobs=layout.logprobs)
