@@ -1,0 +1,170 @@
+"""Speculative decoding changes nothing but speed: greedy output is identical with and without
+it, sampled output has the same distribution, and the rejection sampler's output distribution
+is the target's."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.engine.speculative import SpeculativeConfig, ngram_proposal
+from vllm_jax.runner.rejection import rejection_sample
+from vllm_jax.sampling_params import SamplingParams
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 1}
+P_VALUE = 1e-3  # a chi-square test fails below this: 1 false alarm in 1,000 runs
+
+
+def make_engine(path, **kw):
+    cfg = dict(model_path=str(path), dtype="f32", max_model_len=160, kvcache_mem_mb=4,
+               max_num_seqs=16)
+    return LLMEngine(EngineConfig(**{**cfg, **kw}))
+
+
+@pytest.fixture(scope="module")
+def llama(model_dir):
+    """Small weights: each token depends mostly on the last one, so greedy output falls into
+    loops that n-gram proposals predict (and early tokens it does not)."""
+    return model_dir("llama", initializer_range=0.05)[0]
+
+
+@pytest.fixture(scope="module")
+def plain(llama):
+    return make_engine(llama)
+
+
+@pytest.fixture(scope="module")
+def ngram(llama):
+    return make_engine(llama, speculative_config=NGRAM)
+
+
+def random_prompts(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 300, rng.integers(4, 40))] for _ in range(n)]
+
+
+def token_ids(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_ngram_proposal_takes_what_followed_the_latest_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert ngram_proposal(tokens, 2, n_max=3, n_min=1) == [7, 8]  # "2 3" last came before 7 8
+    assert ngram_proposal(tokens + [7], 3, n_max=1, n_min=1) == [8, 5, 2]
+    assert ngram_proposal([4, 5, 6], 2, n_max=3, n_min=1) == []
+    assert ngram_proposal([1, 2, 3, 1, 2], 5, n_max=2, n_min=2) == [3, 1, 2]
+
+
+@pytest.mark.parametrize("spec, error", [
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 99}, "num_speculative_tokens"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a \"model\""),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
+      "prompt_lookup_max": 2}, "prompt_lookup_max"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown"),
+])
+def test_bad_speculative_config_is_refused(spec, error):
+    with pytest.raises(ConfigError, match=error):
+        SpeculativeConfig.parse(spec)
+
+
+def test_speculative_config_defaults_as_vllm():
+    assert SpeculativeConfig.parse({"model": "m", "num_speculative_tokens": 3}).method == (
+        "draft_model")
+    c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3,
+                                 "prompt_lookup_max": 4})
+    assert (c.prompt_lookup_min, c.prompt_lookup_max) == (4, 4)
+
+
+def test_greedy_output_identical_with_ngram_speculation(plain, ngram):
+    prompts = random_prompts()
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=2)
+    before = ngram.speculator.stats.accepted_tokens
+    want, got = plain.generate(prompts, params), ngram.generate(prompts, params)
+    assert token_ids(got) == token_ids(want)
+    assert ngram.speculator.stats.accepted_tokens - before > 40  # proposals were accepted
+    for w, g in zip(want, got):
+        lw = [e[t].logprob for e, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)]
+        lg = [e[t].logprob for e, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
+        np.testing.assert_allclose(lg, lw, atol=1e-4)
+        assert [sorted(e) for e in g.outputs[0].logprobs] == [
+            sorted(e) for e in w.outputs[0].logprobs]
+
+
+def test_stops_inside_an_accepted_run_end_the_output_there(plain, ngram):
+    prompts = random_prompts(n=4, seed=1)
+    free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    for out, prompt in zip(token_ids(plain.generate(prompts, free)), prompts):
+        # past token 30 the output loops and n-gram runs are accepted
+        for params in (SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[out[40]]),
+                       SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+                                      stop=[plain.tokenizer.decode(out[35:37])]),
+                       SamplingParams(temperature=0, max_tokens=37, ignore_eos=True)):
+            want, got = plain.generate([prompt], params)[0], ngram.generate([prompt], params)[0]
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids
+            assert got.outputs[0].text == want.outputs[0].text
+            assert got.outputs[0].finish_reason == want.outputs[0].finish_reason
+
+
+def joint_counts(engine, prompt, params, n):
+    """How often each run of the first 3 tokens came out over n seeds. Requests go in
+    batches of max_num_seqs: speculation runs in steps that only decode."""
+    batch = engine.config.max_num_seqs
+    outs = [o for _ in range(n // batch) for o in engine.generate([prompt] * batch, params)]
+    runs = [tuple(o.outputs[0].token_ids[:3]) for o in outs]
+    keys, counts = np.unique(np.array(runs), axis=0, return_counts=True)
+    return dict(zip(map(tuple, keys), counts))
+
+
+def test_sampled_distribution_unchanged_by_ngram_speculation(plain, ngram):
+    """Chi-square on the joint distribution of the first 3 tokens (top_k=3: 27 outcomes),
+    with a penalty over the history, so proposals change what later positions sample."""
+    prompt = plain.generate(random_prompts(1, seed=2), SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0].token_ids  # it loops
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=6, ignore_eos=True,
+                            presence_penalty=0.5)
+    before = ngram.speculator.stats.accepted_tokens
+    want = joint_counts(plain, prompt, params, 1504)
+    got = joint_counts(ngram, prompt, params, 1504)
+    assert ngram.speculator.stats.accepted_tokens - before > 300
+    keys = sorted(set(want) | set(got))
+    table = np.array([[want.get(k, 0) for k in keys], [got.get(k, 0) for k in keys]])
+    assert stats.chi2_contingency(table).pvalue > P_VALUE, table
+
+
+def exact_output(p, q):
+    """The rejection sampler's exact output for one proposal x ~ q: P(accept x) and
+    P(reject, then emit t), each [V]."""
+    accept = q * np.minimum(1, p / q)
+    residual = np.maximum(p - q, 0)
+    return accept, (1 - accept.sum()) * residual / residual.sum()
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_rejection_sampler_output_distribution_is_exact(point_mass):
+    rng = np.random.default_rng(3)
+    vocab, n = 6, 40_000
+    p = rng.dirichlet(np.ones(vocab))
+    q = np.eye(vocab)[2] if point_mass else rng.dirichlet(np.ones(vocab))
+    accept, reject = exact_output(p, q)
+    np.testing.assert_allclose(accept + reject, p, atol=1e-12)  # the target, exactly
+    keys = jax.random.split(jax.random.key(0), (n, 2))
+    drafts = jax.random.categorical(jax.random.key(1), jnp.log(q), shape=(n, 1)).astype(jnp.int32)
+    p_dev = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (n, 2, vocab))
+    q_dev = None if point_mass else jnp.broadcast_to(jnp.asarray(q, jnp.float32), (n, 1, vocab))
+    tokens, accepted = jax.jit(rejection_sample)(p_dev, drafts, q_dev, keys)
+    tokens, accepted = np.asarray(tokens), np.asarray(accepted)[:, 0]
+    outcome = np.where(accepted, np.asarray(drafts)[:, 0], vocab + tokens[:, 0])
+    observed = np.bincount(outcome, minlength=2 * vocab)
+    expected = np.concatenate([accept, reject]) * n
+    seen = expected > 0
+    assert observed[~seen].sum() == 0
+    assert stats.chisquare(observed[seen], expected[seen]).pvalue > P_VALUE
+    bonus = np.bincount(tokens[accepted, 1], minlength=vocab)  # after an acceptance: from p
+    assert stats.chisquare(bonus, p * accepted.sum()).pvalue > P_VALUE
