@@ -141,7 +141,7 @@ def test_sampled_distribution_unchanged_by_ngram_speculation(plain, ngram):
 def exact_output(p, q):
     """The rejection sampler's exact output for one proposal x ~ q: P(accept x) and
     P(reject, then emit t), each [V]."""
-    accept = q * np.minimum(1, p / q)
+    accept = np.minimum(p, q)  # q(x) min(1, p(x) / q(x))
     residual = np.maximum(p - q, 0)
     return accept, (1 - accept.sum()) * residual / residual.sum()
 

@@ -18,6 +18,10 @@ import numpy as np
 from vllm_jax.config import ConfigError
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.loader import load
+from vllm_jax.loader.default_model import resolve_model_path
+from vllm_jax.runner.drafter import Drafter
+from vllm_jax.runner.spec_runner import Verifier
 
 MAX_SPECULATIVE_TOKENS = 16
 CONFIG_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max",
@@ -112,12 +116,15 @@ class Speculator:
         """Propose, verify, append; None when no row proposes (the engine runs a plain step)."""
         seqs = batch.seqs
         room = self._room(seqs)
+        if not any(room):
+            return None
+        for seq, n in zip(seqs, room):
+            self.engine.block_manager.may_append(seq, seq.num_tokens + n)
         drafts, draft_probs = self._propose(seqs, room)
         if not any(drafts):
             return None
         for seq, d in zip(seqs, drafts):
             seq.token_ids.extend(d)
-            self.engine.block_manager.may_append(seq)
         try:
             out = self.verifier.run(seqs, drafts, draft_probs)
             out = jax.device_get(out)
@@ -162,6 +169,8 @@ class Speculator:
             stats.draft_tokens += len(d)
             stats.accepted_tokens += accepted
             req = engine.requests[seq.request_id]
+            if self.drafter is not None:
+                self.drafter.commit(seq, accepted)
             for j in range(accepted + 1):
                 seq.num_computed_tokens += 1
                 engine.block_manager.register_computed(seq)
@@ -176,10 +185,16 @@ class Speculator:
 
 def make_speculator(engine, spec: dict) -> Speculator:
     """The engine's speculator for a speculative_config dict (ConfigError when it is bad)."""
-    from vllm_jax.runner.spec_runner import Verifier
-
     config = SpeculativeConfig.parse(spec)
-    return Speculator(config, engine, Verifier(engine.runner, config.num_speculative_tokens))
+    k = config.num_speculative_tokens
+    drafter = None
+    if config.model:
+        c = engine.config
+        loaded = load(resolve_model_path(config.model), c.dtype, mesh=engine.mesh,
+                      backend=c.backends(), keep_quantized=c.keep_quantized,
+                      max_model_len=engine.max_model_len)
+        drafter = Drafter(loaded, engine.runner, c.max_num_seqs, k)
+    return Speculator(config, engine, Verifier(engine.runner, k), drafter)
 
 
 def _position(out: dict, row: int, j: int) -> dict:

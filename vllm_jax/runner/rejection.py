@@ -47,6 +47,7 @@ def rejection_sample(p, drafts, q, keys):
     s, k1, vocab = p.shape
     if q is None:
         q = jax.nn.one_hot(drafts, vocab, dtype=p.dtype)  # -1 gives a zero row
+    q = jnp.where((drafts >= 0)[..., None], q, 0.0)  # no proposal: the residual is p
     x = jnp.maximum(drafts, 0)[..., None]
     px = jnp.take_along_axis(p[:, :-1], x, axis=-1)[..., 0]
     qx = jnp.take_along_axis(q, x, axis=-1)[..., 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax import parallel
@@ -48,7 +49,7 @@ class Verifier:
         for row, d in enumerate(drafts):
             padded[row, :len(d)] = d
         if draft_probs is not None:
-            draft_probs = np.pad(draft_probs, ((0, s - rows), (0, 0), (0, 0)))
+            draft_probs = jnp.pad(draft_probs, ((0, s - rows), (0, 0), (0, 0)))
         runner = self.runner
         runner.kv, out = self._verify(runner.leaves, runner.kv, ints, floats, padded,
                                       draft_probs, layout)
