@@ -3,6 +3,9 @@ it, sampled output has the same distribution, and the rejection sampler's output
 is the target's."""
 from __future__ import annotations
 
+import copy
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +44,33 @@ def plain(llama):
 @pytest.fixture(scope="module")
 def ngram(llama):
     return make_engine(llama, speculative_config=NGRAM)
+
+
+@pytest.fixture(scope="module")
+def perturbed_draft(model_dir, tmp_path_factory):
+    """The target with noise on its layers' weights (same embeddings, head and tokenizer): a
+    model that agrees with the target often but not always, as a real draft model does."""
+    import torch
+
+    path, model = model_dir("llama", initializer_range=0.05)
+    draft = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, w in draft.named_parameters():
+            if ".layers." in name:
+                w.add_(torch.randn_like(w) * w.std() * 0.1)
+    out = tmp_path_factory.mktemp("draft")
+    draft.save_pretrained(out, safe_serialization=True)
+    for f in path.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def drafted(llama, perturbed_draft):
+    return make_engine(llama, speculative_config={"model": str(perturbed_draft),
+                                                  "num_speculative_tokens": 3})
 
 
 def random_prompts(n=6, seed=0):
@@ -112,6 +142,27 @@ def test_stops_inside_an_accepted_run_end_the_output_there(plain, ngram):
             assert got.outputs[0].finish_reason == want.outputs[0].finish_reason
 
 
+def test_greedy_output_identical_with_a_draft_model(plain, drafted):
+    prompts = random_prompts(seed=4)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    before = copy.copy(drafted.speculator.stats)
+    assert token_ids(drafted.generate(prompts, params)) == token_ids(
+        plain.generate(prompts, params))
+    after = drafted.speculator.stats
+    accepted = after.accepted_tokens - before.accepted_tokens
+    assert 50 < accepted < after.draft_tokens - before.draft_tokens  # some rejected too
+
+
+def test_target_drafting_for_itself_accepts_every_proposal(llama):
+    engine = make_engine(llama, speculative_config={"model": str(llama),
+                                                    "num_speculative_tokens": 4})
+    for params in (SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                   SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)):
+        engine.generate(random_prompts(4, seed=5), params)  # p = q: min(1, p/q) = 1
+    stats = engine.speculator.stats
+    assert stats.accepted_tokens == stats.draft_tokens > 100
+
+
 def joint_counts(engine, prompt, params, n):
     """How often each run of the first 3 tokens came out over n seeds. Requests go in
     batches of max_num_seqs: speculation runs in steps that only decode."""
@@ -133,6 +184,19 @@ def test_sampled_distribution_unchanged_by_ngram_speculation(plain, ngram):
     want = joint_counts(plain, prompt, params, 1504)
     got = joint_counts(ngram, prompt, params, 1504)
     assert ngram.speculator.stats.accepted_tokens - before > 300
+    keys = sorted(set(want) | set(got))
+    table = np.array([[want.get(k, 0) for k in keys], [got.get(k, 0) for k in keys]])
+    assert stats.chi2_contingency(table).pvalue > P_VALUE, table
+
+
+def test_sampled_distribution_unchanged_by_a_draft_model(plain, drafted):
+    """As above, with proposals drawn from the draft's own distribution q."""
+    prompt = random_prompts(1, seed=6)[0]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, ignore_eos=True)
+    before = drafted.speculator.stats.accepted_tokens
+    want = joint_counts(plain, prompt, params, 1504)
+    got = joint_counts(drafted, prompt, params, 1504)
+    assert drafted.speculator.stats.accepted_tokens - before > 300
     keys = sorted(set(want) | set(got))
     table = np.array([[want.get(k, 0) for k in keys], [got.get(k, 0) for k in keys]])
     assert stats.chi2_contingency(table).pvalue > P_VALUE, table

@@ -82,10 +82,11 @@ class Drafter:
             probs.append(q)
             tokens = np.asarray(tokens)
             for row, view in enumerate(views):
-                view.num_computed_tokens = view.num_tokens
-                view.token_ids.append(int(tokens[row]))
                 if i < room[row]:
                     proposals[row].append(int(tokens[row]))
+                if i + 1 < room[row]:  # the next step feeds it; idle rows stay in their pages
+                    view.num_computed_tokens = view.num_tokens
+                    view.token_ids.append(int(tokens[row]))
         for seq, n in zip(seqs, room):
             self._proposed[seq.seq_id] = (seq.num_tokens, n)
             self.computed[seq.seq_id] = (seq.block_table, seq.num_tokens)
