@@ -4,6 +4,8 @@ is the target's."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 import shutil
 
 import jax
@@ -12,9 +14,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from vllm_jax.api import LLM
+from vllm_jax.args import Parser, add_engine_args, engine_config
 from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
-from vllm_jax.engine.speculative import SpeculativeConfig, ngram_proposal
+from vllm_jax.engine.speculative import SpeculativeConfig, make_speculator, ngram_proposal
 from vllm_jax.runner.rejection import rejection_sample
 from vllm_jax.sampling_params import SamplingParams
 
@@ -112,6 +116,46 @@ def test_speculative_config_defaults_as_vllm():
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (4, 4)
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--num-speculative-tokens", "3"], "needs --speculative-model"),
+    (["--speculative-model", "smollm2-135m"], "needs --num-speculative-tokens"),
+    (["--speculative-model", "/no/such/model", "--num-speculative-tokens", "2"], "not found"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 17}'],
+     "num_speculative_tokens must be an integer in \\[1, 16\\]"),
+    (["--speculative-config", "[1]"], "expected a JSON object"),
+    (["--num-speculative-tokens", "0", "--speculative-model", "x"], "must be positive"),
+])
+def test_bad_speculative_flags_are_argparse_errors(argv, error, capsys):
+    parser = Parser(prog="vllm_jax")
+    add_engine_args(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(argv)
+    assert exit_.value.code == 2
+    assert re.search(f"vllm_jax: error: .*{error}", capsys.readouterr().err)
+
+
+def test_speculative_flags_become_the_engine_config():
+    parser = Parser(prog="vllm_jax")
+    add_engine_args(parser)
+    args = parser.parse_args(["--speculative-model", "smollm2-135m",
+                              "--num-speculative-tokens", "3"])
+    assert engine_config(args).speculative_config == {"model": "smollm2-135m",
+                                                      "num_speculative_tokens": 3}
+    args = parser.parse_args(["--speculative-config", json.dumps(NGRAM)])
+    assert engine_config(args).speculative_config == NGRAM
+    assert engine_config(parser.parse_args([])).speculative_config is None
+
+
+def test_llm_api_takes_a_speculative_config(llama, plain):
+    llm = LLM(str(llama), dtype="f32", max_model_len=160, kvcache_mem_mb=4,
+              speculative_config=NGRAM)
+    prompts = random_prompts(2, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert token_ids(got) == token_ids(plain.generate(prompts, params))
+    assert llm.llm_engine.speculator.stats.accepted_tokens > 0
+
+
 def test_greedy_output_identical_with_ngram_speculation(plain, ngram):
     prompts = random_prompts()
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=2)
@@ -161,6 +205,30 @@ def test_target_drafting_for_itself_accepts_every_proposal(llama):
         engine.generate(random_prompts(4, seed=5), params)  # p = q: min(1, p/q) = 1
     stats = engine.speculator.stats
     assert stats.accepted_tokens == stats.draft_tokens > 100
+
+
+EDIT_TASK = ("Fix the typos in this text and write it out again: The quick brown fox jumpd over "
+             "the lazy dogg. Teh dog was not amused, and it barkd at the fox for a long tmie.")
+
+
+def test_default_model_greedy_identical_with_ngram_and_self_drafting(real_model):
+    """SmolLM2 on an edit task (its answer copies the input): plain, n-gram and the model
+    drafting for itself give the same tokens, and the proposals get accepted."""
+    path = str(real_model("smollm2-135m"))
+    engine = make_engine(path, max_model_len=256, max_num_seqs=2, kvcache_mem_mb=32,
+                         speculative_config={"model": path, "num_speculative_tokens": 4})
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": EDIT_TASK}])
+    params = SamplingParams(temperature=0, max_tokens=48)
+    drafting = engine.speculator
+    ngram = make_speculator(engine, NGRAM)
+    runs = {}
+    for name, speculator in [("plain", None), ("ngram", ngram), ("draft", drafting)]:
+        engine.speculator = speculator
+        runs[name] = engine.generate([prompt], params)[0].outputs[0]
+    assert runs["ngram"].token_ids == runs["plain"].token_ids == runs["draft"].token_ids
+    assert "jumped" in runs["plain"].text  # it copies the text, typos fixed
+    assert ngram.stats.accepted_tokens > 10
+    assert drafting.stats.accepted_tokens == drafting.stats.draft_tokens > 20
 
 
 def joint_counts(engine, prompt, params, n):
