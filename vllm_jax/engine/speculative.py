@@ -3,9 +3,8 @@ its last token and the proposals, and the accepted run is appended token by toke
 
 A sequence's `num_computed_tokens` counts accepted tokens only: the KV that rejected proposals
 wrote past them is overwritten by later steps. Proposals never take a page from another
-sequence: a row proposes only what free pages, the step's token budget, its max_tokens and
-max_model_len leave room for. Stop conditions apply to each appended token, so nothing past a
-stop is emitted.
+sequence: a row proposes only what free pages, its max_tokens and max_model_len leave room
+for. Stop conditions apply to each appended token, so nothing past a stop is emitted.
 """
 from __future__ import annotations
 
@@ -86,6 +85,7 @@ def ngram_proposal(tokens: list[int], k: int, n_max: int, n_min: int) -> list[in
 @dataclass
 class SpecStats:
     steps: int = 0
+    rows: int = 0  # sequences verified, summed over steps
     draft_tokens: int = 0  # proposed
     accepted_tokens: int = 0  # proposals accepted
     emitted_tokens: int = 0  # appended (accepted + the target's own, cut at stops)
@@ -95,7 +95,7 @@ class SpecStats:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     def as_dict(self) -> dict:
-        return dict(steps=self.steps, draft_tokens=self.draft_tokens,
+        return dict(steps=self.steps, rows=self.rows, draft_tokens=self.draft_tokens,
                     accepted_tokens=self.accepted_tokens, emitted_tokens=self.emitted_tokens,
                     acceptance_rate=self.acceptance_rate)
 
@@ -134,21 +134,20 @@ class Speculator:
         return self._append_runs(seqs, drafts, out)
 
     def _room(self, seqs: list[Sequence]) -> list[int]:
-        """How many proposals each row may make."""
+        """How many proposals each row may make (a verification step holds k + 1 tokens a row,
+        whatever the token budget)."""
         engine, k = self.engine, self.config.num_speculative_tokens
         bm = engine.block_manager
         free = bm.num_free
-        budget = engine.runner.token_buckets[-1] - len(seqs)
         room = []
         for seq in seqs:
             limit = engine.max_model_len - seq.num_tokens - 1
             if seq.params.max_tokens is not None:
                 limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
-            n = max(0, min(k, limit, budget))
+            n = max(0, min(k, limit))
             while n and bm.pages_needed(seq.num_tokens + n) - len(seq.block_table) > free:
                 n -= 1
             free -= max(0, bm.pages_needed(seq.num_tokens + n) - len(seq.block_table))
-            budget -= n
             room.append(n)
         return room
 
@@ -162,6 +161,7 @@ class Speculator:
     def _append_runs(self, seqs, drafts, out) -> list:
         engine, stats = self.engine, self.stats
         stats.steps += 1
+        stats.rows += len(seqs)
         now = time.monotonic()
         touched = {}
         for row, (seq, d) in enumerate(zip(seqs, drafts)):

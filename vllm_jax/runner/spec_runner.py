@@ -17,7 +17,7 @@ import numpy as np
 from vllm_jax import parallel
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.runner import rejection
-from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, pick, sampling_arrays
+from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, sampling_arrays
 
 
 class Verifier:
@@ -26,16 +26,17 @@ class Verifier:
         self._verify = parallel.under_mesh(
             jax.jit(self._verify_impl, static_argnums=(6,), donate_argnums=(1,)), runner.mesh)
 
-    def layout(self, seqs, drafts) -> StepLayout:
-        runner = self.runner
-        decode = runner.layout_for(ScheduledBatch(True, seqs, [1] * len(seqs)))
-        return dataclasses.replace(decode, decode=False, spec=self.k, num_tokens=pick(
-            runner.token_buckets, sum(1 + len(d) for d in drafts)))
+    def layout(self, seqs) -> StepLayout:
+        """The decode layout of these rows, with room for k + 1 tokens in each: padding to the
+        prefill token buckets (16 and up) would cost a 1-sequence step 16 tokens' work."""
+        decode = self.runner.layout_for(ScheduledBatch(True, seqs, [1] * len(seqs)))
+        return dataclasses.replace(decode, decode=False, spec=self.k,
+                                   num_tokens=decode.num_seqs * (self.k + 1))
 
     def run(self, seqs, drafts: list[list[int]], draft_probs=None) -> dict:
         """drafts: each row's proposals, already appended to its token_ids (with pages for
         them); draft_probs [rows, k, V] or None (point masses). Returns device arrays."""
-        layout = self.layout(seqs, drafts)
+        layout = self.layout(seqs)
         counts = np.array([len(d) for d in drafts])
         batch = ScheduledBatch(False, seqs, list(1 + counts))
         ints, floats = self.runner.prepare(batch, layout)
