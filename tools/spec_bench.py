@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,16 +58,20 @@ def prompts(engine: LLMEngine, n: int) -> list[str]:
             for i in range(n)]
 
 
-def timed_run(engine: LLMEngine, batch: list[str], params: SamplingParams) -> dict:
-    engine.generate(batch, params)  # compiles what this method and batch size need
+def timed_run(engine: LLMEngine, batch: list[str], params: SamplingParams,
+              repeats: int) -> dict:
+    """Throughput of `repeats` timed runs (after one that compiles): median, min and max."""
+    engine.generate(batch, params)
     stats = engine.speculator.stats if engine.speculator else None
     before = copy.copy(stats)
-    start = time.perf_counter()
-    outs = engine.generate(batch, params)
-    wall = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    row = dict(wall_s=wall, tokens=tokens, tok_s=tokens / wall,
-               outputs=[o.outputs[0].token_ids for o in outs])
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = engine.generate(batch, params)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        rates.append(tokens / (time.perf_counter() - start))
+    row = dict(tokens=tokens, tok_s=statistics.median(rates), tok_s_min=min(rates),
+               tok_s_max=max(rates), outputs=[o.outputs[0].token_ids for o in outs])
     if stats:
         drafted = stats.draft_tokens - before.draft_tokens
         accepted = stats.accepted_tokens - before.accepted_tokens
@@ -88,6 +93,8 @@ def main(argv=None):
     p.add_argument("--methods", default="plain,ngram",
                    help="plain, ngram, draft (draft: --speculative-model and "
                         "--num-speculative-tokens)")
+    p.add_argument("--repeats", type=positive(), default=3,
+                   help="timed runs per method (other processes share the cores: ranges)")
     p.add_argument("--json-out", default="spec_bench.json")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -108,7 +115,8 @@ def main(argv=None):
         plain = None
         for method in methods:
             engine.speculator = speculators[method]
-            row = dict(method=method, num_seqs=n, **timed_run(engine, batch, params))
+            row = dict(method=method, num_seqs=n,
+                       **timed_run(engine, batch, params, args.repeats))
             plain = plain or (row if method == "plain" else None)
             row["speedup"] = row["tok_s"] / plain["tok_s"] if plain else None
             row["same_as_plain"] = plain["outputs"] == row["outputs"] if plain else None
@@ -120,15 +128,16 @@ def main(argv=None):
 
 
 def print_table(rows: list[dict]):
-    head = ("method", "seqs", "tok/s", "speed-up", "accept", "tok/verify", "same")
-    print(" | ".join(f"{h:>9}" for h in head))
+    head = ("method", "seqs", "tok/s", "range", "speed-up", "accept", "tok/verify", "same")
+    print(" | ".join(f"{h:>10}" for h in head))
     for r in rows:
         cells = (r["method"], r["num_seqs"], f"{r['tok_s']:.1f}",
+                 f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}",
                  f"{r['speedup']:.2f}" if r["speedup"] else "-",
                  f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-",
                  f"{r['tokens_per_row_step']:.2f}" if "tokens_per_row_step" in r else "-",
                  r["same_as_plain"] if r["same_as_plain"] is not None else "-")
-        print(" | ".join(f"{str(c):>9}" for c in cells))
+        print(" | ".join(f"{str(c):>10}" for c in cells))
 
 
 if __name__ == "__main__":

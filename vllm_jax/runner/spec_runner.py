@@ -17,7 +17,7 @@ import numpy as np
 from vllm_jax import parallel
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.runner import rejection
-from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, sampling_arrays
+from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, pick, sampling_arrays
 
 
 class Verifier:
@@ -30,8 +30,9 @@ class Verifier:
         """The decode layout of these rows, with room for k + 1 tokens in each: padding to the
         prefill token buckets (16 and up) would cost a 1-sequence step 16 tokens' work."""
         decode = self.runner.layout_for(ScheduledBatch(True, seqs, [1] * len(seqs)))
+        rows = pick(self.runner.prefill_seq_buckets, len(seqs))
         return dataclasses.replace(decode, decode=False, spec=self.k,
-                                   num_tokens=decode.num_seqs * (self.k + 1))
+                                   num_tokens=rows * (self.k + 1))
 
     def run(self, seqs, drafts: list[list[int]], draft_probs=None) -> dict:
         """drafts: each row's proposals, already appended to its token_ids (with pages for
