@@ -146,6 +146,17 @@ def test_speculative_flags_become_the_engine_config():
     assert engine_config(parser.parse_args([])).speculative_config is None
 
 
+def test_speculation_off_above_disable_by_batch_size(llama, plain):
+    engine = make_engine(llama, speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = random_prompts(3, seed=8)
+    assert token_ids(engine.generate(prompts, params)) == token_ids(
+        plain.generate(prompts, params))
+    assert engine.speculator.stats.steps == 0  # three sequences decoded together throughout
+    engine.generate(prompts[:2], params)
+    assert engine.speculator.stats.steps > 0
+
+
 def test_llm_api_takes_a_speculative_config(llama, plain):
     llm = LLM(str(llama), dtype="f32", max_model_len=160, kvcache_mem_mb=4,
               speculative_config=NGRAM)

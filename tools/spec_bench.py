@@ -90,6 +90,8 @@ def main(argv=None):
     p.add_argument("--num-seqs", default="1,16", help="batch sizes, comma-separated")
     p.add_argument("--output-len", type=positive(), default=128)
     p.add_argument("--k", type=positive(), default=4, help="n-gram proposals per step")
+    p.add_argument("--disable-by-batch-size", type=positive(), metavar="N",
+                   help="n-gram: decode plainly in steps of more than N sequences")
     p.add_argument("--methods", default="plain,ngram",
                    help="plain, ngram, draft (draft: --speculative-model and "
                         "--num-speculative-tokens)")
@@ -107,7 +109,8 @@ def main(argv=None):
     speculators = {"plain": None, "draft": engine.speculator,
                    "ngram": make_speculator(engine, {
                        "method": "ngram", "num_speculative_tokens": args.k,
-                       "prompt_lookup_max": 4, "prompt_lookup_min": 1})}
+                       "prompt_lookup_max": 4, "prompt_lookup_min": 1,
+                       "disable_by_batch_size": args.disable_by_batch_size})}
     params = SamplingParams(temperature=0, max_tokens=args.output_len)
     rows = []
     for n in sizes:

@@ -24,7 +24,7 @@ from vllm_jax.runner.spec_runner import Verifier
 
 MAX_SPECULATIVE_TOKENS = 16
 CONFIG_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max",
-               "prompt_lookup_min"}
+               "prompt_lookup_min", "disable_by_batch_size"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
     model: str | None = None  # the draft model's path or name
+    # steps with more sequences than this decode plainly: verifying k + 1 tokens a row pays
+    # while a step is bound by reading the weights, not once it is bound by compute
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, spec: dict) -> "SpeculativeConfig":
@@ -60,7 +63,10 @@ class SpeculativeConfig:
                                                            hi if hi is not None else lo)
         lo = _int_in(lo, "prompt_lookup_min", 1, 1 << 20)
         hi = _int_in(hi, "prompt_lookup_max", lo, 1 << 20)
-        return cls(method, k, hi, lo, model)
+        limit = spec.get("disable_by_batch_size")
+        if limit is not None:
+            limit = _int_in(limit, "disable_by_batch_size", 1, 1 << 20)
+        return cls(method, k, hi, lo, model, limit)
 
 
 def _int_in(value, name: str, lo: int, hi: int) -> int:
@@ -110,7 +116,9 @@ class Speculator:
     stats: SpecStats = field(default_factory=SpecStats)
 
     def applies(self, batch: ScheduledBatch) -> bool:
-        return batch.decode and all(seq.matcher is None for seq in batch.seqs)
+        limit = self.config.disable_by_batch_size
+        return (batch.decode and (limit is None or len(batch.seqs) <= limit)
+                and all(seq.matcher is None for seq in batch.seqs))
 
     def step(self, batch: ScheduledBatch) -> list | None:
         """Propose, verify, append; None when no row proposes (the engine runs a plain step)."""
