@@ -157,6 +157,21 @@ def test_speculation_off_above_disable_by_batch_size(llama, plain):
     assert engine.speculator.stats.steps > 0
 
 
+def test_no_compiles_after_warmup_with_a_draft_model(llama, perturbed_draft):
+    engine = make_engine(llama, max_num_seqs=2, max_num_batched_tokens=32,
+                         speculative_config={"model": str(perturbed_draft),
+                                             "num_speculative_tokens": 2})
+    engine.warmup()
+    drafter = engine.speculator.drafter
+    compiled = engine.num_compiles, drafter.runner.num_compiles
+    prompts = random_prompts(3, seed=9)
+    engine.generate(prompts[:2], [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                                  SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20)])
+    engine.generate(prompts[2:], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert engine.speculator.stats.steps > 0
+    assert (engine.num_compiles, drafter.runner.num_compiles) == compiled
+
+
 def test_llm_api_takes_a_speculative_config(llama, plain):
     llm = LLM(str(llama), dtype="f32", max_model_len=160, kvcache_mem_mb=4,
               speculative_config=NGRAM)

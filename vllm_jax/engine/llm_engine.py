@@ -202,7 +202,7 @@ class LLMEngine:
         return self.runner.num_compiles
 
     def warmup(self) -> int:
-        return self.runner.warmup()
+        return self.runner.warmup() + (self.speculator.warmup() if self.speculator else 0)
 
     # -- embeddings ---------------------------------------------------------------------------
     def embedding_batches(self, prompts: list[list[int]],

@@ -115,6 +115,12 @@ class Speculator:
     drafter: object | None = None  # runner.spec_runner.Drafter for a draft model
     stats: SpecStats = field(default_factory=SpecStats)
 
+    def warmup(self) -> int:
+        if self.drafter is None:
+            return self.verifier.warmup()
+        vocab = self.engine.model_config.vocab_size
+        return self.verifier.warmup(vocab) + self.drafter.warmup()
+
     def applies(self, batch: ScheduledBatch) -> bool:
         limit = self.config.disable_by_batch_size
         return (batch.decode and (limit is None or len(batch.seqs) <= limit)

@@ -74,11 +74,8 @@ class Drafter:
         views = [DraftView(s, self._num_computed(s)) for s in seqs]
         self._catch_up(views)
         probs, proposals = [], [[] for _ in seqs]
-        for i in range(max(room)):
-            batch = (ScheduledBatch(False, views, [v.num_tokens - v.num_computed_tokens
-                                                   for v in views]) if i == 0
-                     else ScheduledBatch(True, views, [1] * len(views)))
-            tokens, q = self._step(batch, [n <= i for n in room])
+        for i in range(max(room)):  # step 0 feeds each row's last token, step i proposal i - 1
+            tokens, q = self._step(views, [0 < i >= n for n in room])
             probs.append(q)
             tokens = np.asarray(tokens)
             for row, view in enumerate(views):
@@ -121,17 +118,31 @@ class Drafter:
             for v, n in zip(rows, counts):
                 v.num_computed_tokens += n
 
-    def _step(self, batch: ScheduledBatch, idle: list[bool]):
-        """One draft step; rows marked idle write no KV. -> (tokens, q) device arrays."""
+    def _step(self, views: list[DraftView], idle: list[bool]):
+        """One decode step of the draft; rows marked idle write no KV. -> (tokens, q) on the
+        device."""
         runner = self.runner
-        layout = dataclasses.replace(runner.layout_for(batch), prompt_logprobs=False,
-                                     greedy_only=all(v.params.greedy for v in batch.seqs))
+        batch = ScheduledBatch(True, views, [1] * len(views))
+        layout = dataclasses.replace(runner.layout_for(batch), logprobs=False)
         ints, floats = runner.prepare(batch, layout)
         slots = _unpack(ints, layout.int_sizes())["slot_mapping"]
-        if batch.decode:
-            slots[:len(idle)][np.array(idle)] = runner.num_pages * runner.page_size
+        slots[:len(idle)][np.array(idle)] = runner.num_pages * runner.page_size
         runner.kv, tokens, q = self._draft(runner.leaves, runner.kv, ints, floats, layout)
         return tokens, q
+
+    def warmup(self) -> int:
+        """Compile the draft's steps: its runner's, and a draft step per row bucket."""
+        runner = self.runner
+        count = runner.warmup()
+        empty = ScheduledBatch(True, [], [])
+        for s in runner.seq_buckets:
+            for greedy in (True, False):
+                layout = StepLayout(s, s, runner.max_pages, True, greedy)
+                ints, floats = runner.prepare(empty, layout)
+                runner.kv, _, _ = self._draft(runner.leaves, runner.kv, ints, floats, layout)
+                count += 1
+        jax.block_until_ready(runner.kv)
+        return count
 
     def _draft_impl(self, leaves, kv, ints, floats, layout: StepLayout):
         self.runner._count_compile("draft", layout)

@@ -17,12 +17,14 @@ import numpy as np
 from vllm_jax import parallel
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.runner import rejection
-from vllm_jax.runner.model_runner import ModelRunner, StepLayout, _unpack, pick, sampling_arrays
+from vllm_jax.runner.model_runner import (ModelRunner, StepLayout, _unpack, buckets, pick,
+                                          sampling_arrays)
 
 
 class Verifier:
     def __init__(self, runner: ModelRunner, k: int):
         self.runner, self.k = runner, k
+        self.row_buckets = buckets(runner.seq_buckets[-1])  # T = (k + 1) x one of these
         self._verify = parallel.under_mesh(
             jax.jit(self._verify_impl, static_argnums=(6,), donate_argnums=(1,)), runner.mesh)
 
@@ -30,7 +32,7 @@ class Verifier:
         """The decode layout of these rows, with room for k + 1 tokens in each: padding to the
         prefill token buckets (16 and up) would cost a 1-sequence step 16 tokens' work."""
         decode = self.runner.layout_for(ScheduledBatch(True, seqs, [1] * len(seqs)))
-        rows = pick(self.runner.prefill_seq_buckets, len(seqs))
+        rows = pick(self.row_buckets, len(seqs))
         return dataclasses.replace(decode, decode=False, spec=self.k,
                                    num_tokens=rows * (self.k + 1))
 
@@ -56,6 +58,25 @@ class Verifier:
         runner.kv, out = self._verify(runner.leaves, runner.kv, ints, floats, padded,
                                       draft_probs, layout)
         return out
+
+    def warmup(self, draft_vocab: int | None = None) -> int:
+        """Compile the verification step for every row count the engine can decode; with
+        draft_vocab, sampled steps take the draft's distributions."""
+        runner = self.runner
+        k, empty = self.k, ScheduledBatch(True, [], [])
+        layouts = {StepLayout(pick(self.row_buckets, n) * (k + 1),
+                              pick(runner.seq_buckets, n), runner.max_pages, False, greedy,
+                              spec=k)
+                   for n in range(1, runner.seq_buckets[-1] + 1) for greedy in (True, False)}
+        for layout in layouts:
+            ints, floats = runner.prepare(empty, layout)
+            drafts = np.full((layout.num_seqs, k), -1, np.int32)
+            probs = (None if layout.greedy_only or draft_vocab is None
+                     else jnp.zeros((layout.num_seqs, k, draft_vocab), jnp.float32))
+            runner.kv, _ = self._verify(runner.leaves, runner.kv, ints, floats, drafts, probs,
+                                        layout)
+        jax.block_until_ready(runner.kv)
+        return len(layouts)
 
     def _verify_impl(self, leaves, kv, ints, floats, drafts, draft_probs, layout: StepLayout):
         self.runner._count_compile("verify", layout)
