@@ -197,6 +197,22 @@ def test_greedy_output_identical_with_ngram_speculation(plain, ngram):
             sorted(e) for e in w.outputs[0].logprobs]
 
 
+def test_greedy_penalties_and_min_tokens_identical_with_speculation(plain, ngram):
+    """Position j of a verification step is banned and penalised as output token step + j,
+    over a history holding the j proposals before it."""
+    prompts = random_prompts(4, seed=10)
+    out = token_ids(plain.generate(prompts, SamplingParams(temperature=0, max_tokens=40,
+                                                           ignore_eos=True)))
+    for params in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                  repetition_penalty=1.2, frequency_penalty=0.1),
+                   SamplingParams(temperature=0, max_tokens=40, min_tokens=30,
+                                  stop_token_ids=sorted({o[35] for o in out}))):
+        before = ngram.speculator.stats.accepted_tokens
+        assert token_ids(ngram.generate(prompts, params)) == token_ids(
+            plain.generate(prompts, params))
+        assert ngram.speculator.stats.accepted_tokens > before
+
+
 def test_stops_inside_an_accepted_run_end_the_output_there(plain, ngram):
     prompts = random_prompts(n=4, seed=1)
     free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
