@@ -111,8 +111,8 @@ class Speculator:
     """Turns a pure decode batch into a verification step (`step`) for the engine."""
     config: SpeculativeConfig
     engine: object  # the LLMEngine
-    verifier: object  # runner.spec_runner.Verifier
-    drafter: object | None = None  # runner.spec_runner.Drafter for a draft model
+    verifier: Verifier
+    drafter: Drafter | None = None  # proposals from a draft model (else n-gram lookup)
     stats: SpecStats = field(default_factory=SpecStats)
 
     def warmup(self) -> int:
@@ -140,8 +140,7 @@ class Speculator:
         for seq, d in zip(seqs, drafts):
             seq.token_ids.extend(d)
         try:
-            out = self.verifier.run(seqs, drafts, draft_probs)
-            out = jax.device_get(out)
+            out = jax.device_get(self.verifier.run(seqs, drafts, draft_probs))
         finally:
             for seq, d in zip(seqs, drafts):
                 del seq.token_ids[len(seq.token_ids) - len(d):]
