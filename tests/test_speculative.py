@@ -213,6 +213,19 @@ def test_greedy_penalties_and_min_tokens_identical_with_speculation(plain, ngram
         assert ngram.speculator.stats.accepted_tokens > before
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_greedy_identical_with_speculation_on_each_attention_backend(llama, backend):
+    """The verification step's several query tokens a row go through each backend's ragged
+    attention (the C++ kernel runs in the tests above)."""
+    engine = make_engine(llama, attention_backend=backend, max_num_seqs=2)
+    prompts = random_prompts(2, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = token_ids(engine.generate(prompts, params))
+    engine.speculator = make_speculator(engine, NGRAM)
+    assert token_ids(engine.generate(prompts, params)) == want
+    assert engine.speculator.stats.accepted_tokens > 0
+
+
 def test_stops_inside_an_accepted_run_end_the_output_there(plain, ngram):
     prompts = random_prompts(n=4, seed=1)
     free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
