@@ -58,30 +58,50 @@ def prompts(engine: LLMEngine, n: int) -> list[str]:
             for i in range(n)]
 
 
-def timed_run(engine: LLMEngine, batch: list[str], params: SamplingParams,
-              repeats: int) -> dict:
-    """Throughput of `repeats` timed runs (after one that compiles): median, min and max."""
-    engine.generate(batch, params)
-    stats = engine.speculator.stats if engine.speculator else None
-    before = copy.copy(stats)
-    rates = []
+def run(engine: LLMEngine, batch: list[str], params: SamplingParams) -> tuple[float, list]:
+    """-> (generated tokens per second, each output's token ids)."""
+    start = time.perf_counter()
+    outs = engine.generate(batch, params)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return sum(map(len, tokens)) / (time.perf_counter() - start), tokens
+
+
+def compare(engine: LLMEngine, speculators: dict, batch: list[str], params: SamplingParams,
+            repeats: int) -> list[dict]:
+    """Each method once to compile, then `repeats` rounds of every method in turn (so a busy
+    spell on the shared cores hits them alike): median, min and max throughput."""
+    rates, outputs = {m: [] for m in speculators}, {}
+    for method, speculator in speculators.items():
+        engine.speculator = speculator
+        engine.generate(batch, params)
+    before = {m: copy.copy(s.stats) for m, s in speculators.items() if s}
     for _ in range(repeats):
-        start = time.perf_counter()
-        outs = engine.generate(batch, params)
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        rates.append(tokens / (time.perf_counter() - start))
-    row = dict(tokens=tokens, tok_s=statistics.median(rates), tok_s_min=min(rates),
-               tok_s_max=max(rates), outputs=[o.outputs[0].token_ids for o in outs])
-    if stats:
-        drafted = stats.draft_tokens - before.draft_tokens
-        accepted = stats.accepted_tokens - before.accepted_tokens
-        verified = stats.rows - before.rows
-        row.update(draft_tokens=drafted, accepted_tokens=accepted,
-                   spec_steps=stats.steps - before.steps,
-                   acceptance_rate=accepted / drafted if drafted else 0.0,
-                   tokens_per_row_step=(stats.emitted_tokens - before.emitted_tokens) / verified
-                   if verified else 0.0)
-    return row
+        for method, speculator in speculators.items():
+            engine.speculator = speculator
+            rate, outputs[method] = run(engine, batch, params)
+            rates[method].append(rate)
+    rows = []
+    for method, speculator in speculators.items():
+        r = rates[method]
+        row = dict(method=method, num_seqs=len(batch), tok_s=statistics.median(r),
+                   tok_s_min=min(r), tok_s_max=max(r), outputs=outputs[method])
+        if speculator:
+            row.update(spec_stats(speculator.stats, before[method]))
+        rows.append(row)
+    for row in rows:
+        row["speedup"] = row["tok_s"] / rows[0]["tok_s"]
+    engine.speculator = None
+    return rows
+
+
+def spec_stats(now, before) -> dict:
+    drafted = now.draft_tokens - before.draft_tokens
+    accepted = now.accepted_tokens - before.accepted_tokens
+    verified = now.rows - before.rows
+    return dict(draft_tokens=drafted, accepted_tokens=accepted, spec_steps=now.steps - before.steps,
+                acceptance_rate=accepted / drafted if drafted else 0.0,
+                tokens_per_row_step=(now.emitted_tokens - before.emitted_tokens) / verified
+                if verified else 0.0)
 
 
 def main(argv=None):
@@ -111,22 +131,17 @@ def main(argv=None):
                        "method": "ngram", "num_speculative_tokens": args.k,
                        "prompt_lookup_max": 4, "prompt_lookup_min": 1,
                        "disable_by_batch_size": args.disable_by_batch_size})}
+    speculators = {m: speculators[m] for m in methods}
     params = SamplingParams(temperature=0, max_tokens=args.output_len)
     rows = []
     for n in sizes:
         batch = prompts(engine, n)
-        plain = None
-        for method in methods:
-            engine.speculator = speculators[method]
-            row = dict(method=method, num_seqs=n,
-                       **timed_run(engine, batch, params, args.repeats))
-            plain = plain or (row if method == "plain" else None)
-            row["speedup"] = row["tok_s"] / plain["tok_s"] if plain else None
-            row["same_as_plain"] = plain["outputs"] == row["outputs"] if plain else None
+        engine.speculator = None
+        _, reference = run(engine, batch, params)
+        for row in compare(engine, speculators, batch, params, args.repeats):
+            row["same_as_plain"] = row.pop("outputs") == reference
             rows.append(row)
     print_table(rows)
-    for row in rows:
-        row.pop("outputs")
     Path(args.json_out).write_text(json.dumps(dict(config=vars(args), rows=rows), indent=1))
 
 
@@ -136,10 +151,10 @@ def print_table(rows: list[dict]):
     for r in rows:
         cells = (r["method"], r["num_seqs"], f"{r['tok_s']:.1f}",
                  f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}",
-                 f"{r['speedup']:.2f}" if r["speedup"] else "-",
+                 f"{r['speedup']:.2f}",
                  f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-",
                  f"{r['tokens_per_row_step']:.2f}" if "tokens_per_row_step" in r else "-",
-                 r["same_as_plain"] if r["same_as_plain"] is not None else "-")
+                 r["same_as_plain"])
         print(" | ".join(f"{str(c):>10}" for c in cells))
 
 
