@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from vllm_jax import cli, server
 from vllm_jax.api import LLM
 from vllm_jax.args import Parser, add_engine_args, engine_config
 from vllm_jax.config import ConfigError, EngineConfig
@@ -134,9 +135,9 @@ def test_bad_speculative_flags_are_argparse_errors(argv, error, capsys):
     assert re.search(f"vllm_jax: error: .*{error}", capsys.readouterr().err)
 
 
-def test_speculative_flags_become_the_engine_config():
-    parser = Parser(prog="vllm_jax")
-    add_engine_args(parser)
+@pytest.mark.parametrize("build_parser", [cli.build_parser, server.build_parser])
+def test_speculative_flags_become_the_engine_config(build_parser):
+    parser = build_parser()
     args = parser.parse_args(["--speculative-model", "smollm2-135m",
                               "--num-speculative-tokens", "3"])
     assert engine_config(args).speculative_config == {"model": "smollm2-135m",
