@@ -173,6 +173,13 @@ def test_no_compiles_after_warmup_with_a_draft_model(llama, perturbed_draft):
     assert (engine.num_compiles, drafter.runner.num_compiles) == compiled
 
 
+def test_draft_model_with_another_vocabulary_is_refused(llama, model_dir):
+    other = model_dir("llama", vocab_size=400)[0]
+    with pytest.raises(ConfigError, match="vocabulary"):
+        make_engine(llama, speculative_config={"model": str(other),
+                                               "num_speculative_tokens": 2})
+
+
 def test_llm_api_takes_a_speculative_config(llama, plain):
     llm = LLM(str(llama), dtype="f32", max_model_len=160, kvcache_mem_mb=4,
               speculative_config=NGRAM)
