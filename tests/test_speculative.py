@@ -234,6 +234,19 @@ def test_greedy_identical_with_speculation_on_each_attention_backend(llama, back
     assert engine.speculator.stats.accepted_tokens > 0
 
 
+def test_preemption_with_speculation_keeps_greedy_output_and_frees_every_page(llama, plain):
+    """A KV cache of ~38 pages for 12 sequences of up to 6: proposals only take free pages,
+    preempted sequences are recomputed, and every page comes back."""
+    engine = make_engine(llama, kvcache_mem_mb=0.3, max_num_seqs=12, mixed_steps=False,
+                         speculative_config=NGRAM)
+    prompts = random_prompts(12, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    assert token_ids(engine.generate(prompts, params)) == token_ids(
+        plain.generate(prompts, params))
+    assert engine.scheduler.num_preemptions > 0 and engine.speculator.stats.accepted_tokens > 0
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
 def test_stops_inside_an_accepted_run_end_the_output_there(plain, ngram):
     prompts = random_prompts(n=4, seed=1)
     free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
