@@ -236,6 +236,8 @@ def main(argv=None):
     warm_tokens = min(args.output_len, 3 + prefill_steps)
     engine.generate(warm, SamplingParams(temperature=0, max_tokens=warm_tokens, ignore_eos=True,
                                          detokenize=False, structured_outputs=so))
+    if engine.speculator:  # verification steps come when proposals do: compile them all
+        engine.speculator.warmup()
     warm_s = time.perf_counter() - t
     host = HostClock(engine.structured, ["bitmask", "advance"])
 
@@ -278,6 +280,7 @@ def main(argv=None):
         roofline_fraction=roofline_ms / step_ms, read_bandwidth_gbs=bw / 1e9,
         weight_gib=weight_bytes / 2**30, preemptions=engine.scheduler.num_preemptions,
         json_schema=args.json_schema, generated=generated,
+        speculative=engine.speculator and engine.speculator.stats.as_dict(),
         structured_host_step_ms={k: 1000 * v / num_steps for k, v in host.seconds.items()})
     print(f"[{args.num_seqs} requests] {generated} tokens generated in {end - t:.2f} s "
           f"(decoding throughput {decode_tps:.2f} tokens/s)")
@@ -288,6 +291,8 @@ def main(argv=None):
               for k, v in result["structured_host_step_ms"].items() if args.json_schema],
             ("roofline step ms", f"{roofline_ms:.2f} ({100 * result['roofline_fraction']:.0f}%)"),
             ("read bandwidth GB/s", f"{bw / 1e9:.1f}"),
+            *[("speculative acceptance", f"{result['speculative']['acceptance_rate']:.2f}")
+              for _ in [0] if result["speculative"]],
             ("warm-up (compile) s", f"{warm_s:.1f}"),
             ("load s", f"{load_s:.1f}")]
     for k, v in rows:

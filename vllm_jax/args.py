@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from vllm_jax.config import EngineConfig
+from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.engine.speculative import SpeculativeConfig
+from vllm_jax.loader.default_model import named_model
 from vllm_jax.kernels.backend import BACKENDS
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with errors as the usage line and the reason (not the whole option list)."""
+    """argparse, with errors as the usage line and the reason (not the whole option list);
+    the speculative decoding flags are combined (and checked) into args.speculative_config."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if hasattr(ns, "num_speculative_tokens"):
+            try:
+                ns.speculative_config = speculative_config(ns)
+            except ConfigError as e:
+                self.error(str(e))
+        return ns, rest
 
     def error(self, message):
         self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n"
@@ -87,7 +101,50 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="at most N prompt tokens in a step that carries decode rows (default: "
                         "the whole --max-num-batched-tokens): shorter gaps between a stream's "
                         "tokens, later first tokens")
+    p.add_argument("--speculative-config", type=json_object, metavar="JSON",
+                   help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                        '"prompt_lookup_min": 1}\' or \'{"model": PATH, '
+                        '"num_speculative_tokens": 4}\' (a draft model with the same vocabulary)')
+    p.add_argument("--speculative-model", metavar="PATH",
+                   help="draft model for speculative decoding (folder, .gguf or named model); "
+                        "needs --num-speculative-tokens")
+    p.add_argument("--num-speculative-tokens", type=positive(), metavar="K",
+                   help="tokens proposed per step (with --speculative-model, or overriding "
+                        "--speculative-config's)")
     p.set_defaults(**defaults)
+
+
+def json_object(s: str) -> dict:
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return value
+
+
+def speculative_config(args: argparse.Namespace) -> dict | None:
+    """The speculative_config dict the three flags describe, checked (ConfigError)."""
+    spec = dict(args.speculative_config or {})
+    if args.speculative_model:
+        spec["model"] = args.speculative_model
+    if args.num_speculative_tokens:
+        spec["num_speculative_tokens"] = args.num_speculative_tokens
+    if not spec:
+        return None
+    if "model" not in spec and "method" not in spec:
+        raise ConfigError("--num-speculative-tokens needs --speculative-model or "
+                          "--speculative-config")
+    if "num_speculative_tokens" not in spec:
+        raise ConfigError("speculative decoding needs --num-speculative-tokens (or "
+                          "\"num_speculative_tokens\" in --speculative-config)")
+    model = SpeculativeConfig.parse(spec).model
+    if model and not Path(model).exists() and named_model(model) is None:
+        raise ConfigError(f"speculative model {model!r} not found (a folder, a .gguf file or "
+                          f"a named model)")
+    return spec
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -105,4 +162,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,
-        mixed_prefill_tokens=args.mixed_prefill_tokens), **overrides})
+        mixed_prefill_tokens=args.mixed_prefill_tokens,
+        speculative_config=getattr(args, "speculative_config", None)), **overrides})

@@ -40,6 +40,9 @@ class EngineConfig:
     # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse
     # the unpacking into the matmul: 5x slower than dense there)
     keep_quantized: bool | None = None
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": PATH, "num_speculative_tokens": k}
+    speculative_config: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def backends(self) -> Backends:

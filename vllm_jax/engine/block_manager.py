@@ -102,8 +102,10 @@ class BlockManager:
         """Room for the KV of every token the sequence holds."""
         return self.pages_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free
 
-    def may_append(self, seq: Sequence):
-        while len(seq.block_table) < self.pages_needed(seq.num_tokens):
+    def may_append(self, seq: Sequence, num_tokens: int | None = None):
+        """Pages for num_tokens (default: the tokens the sequence holds)."""
+        needed = self.pages_needed(seq.num_tokens if num_tokens is None else num_tokens)
+        while len(seq.block_table) < needed:
             seq.block_table.append(self._take_free())
 
     def register_computed(self, seq: Sequence):

@@ -20,6 +20,7 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.speculative import make_speculator
 from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
@@ -101,6 +102,8 @@ class LLMEngine:
                                    max_prefill_seqs, mixed=config.mixed_steps,
                                    mixed_prefill_tokens=config.mixed_prefill_tokens)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
+        self.speculator = (make_speculator(self, config.speculative_config)
+                           if config.speculative_config else None)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
@@ -199,7 +202,7 @@ class LLMEngine:
         return self.runner.num_compiles
 
     def warmup(self) -> int:
-        return self.runner.warmup()
+        return self.runner.warmup() + (self.speculator.warmup() if self.speculator else 0)
 
     # -- embeddings ---------------------------------------------------------------------------
     def embedding_batches(self, prompts: list[list[int]],
@@ -226,6 +229,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.speculator is not None and self.speculator.applies(batch):
+            try:
+                outputs = self.speculator.step(batch)
+            except Exception as error:
+                return self._recover(batch, error)
+            if outputs is not None:
+                return outputs
         try:
             out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
         except Exception as error:  # a bug, or a request that slipped past validation

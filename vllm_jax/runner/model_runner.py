@@ -27,7 +27,7 @@ from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
 log = logging.getLogger("vllm_jax")
 
 INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_tables:SB",
-              "context_lens:S", "logits_indices:S", "top_k:S", "seed:S", "step:S",
+              "context_lens:S", "logits_indices:L", "top_k:S", "seed:S", "step:S",
               "min_tokens:S", "banned:SX")
 MIN_BANNED = 8  # eos and stop_token_ids masked below min_tokens: the width's smallest bucket
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
@@ -94,9 +94,11 @@ class StepLayout:
     penalties: int = 0  # history length when any row uses penalties, else 0
     banned: int = MIN_BANNED  # ids banned per row below min_tokens (a power of two from 8)
     prompt_logprobs: bool = False
+    spec: int = 0  # speculative verification: logits at spec + 1 positions of every row
 
     def int_sizes(self):
         n = {"T": self.num_tokens, "S": self.num_seqs, "SB": self.num_seqs * self.max_pages,
+             "L": self.num_seqs * (self.spec + 1),
              "SX": self.num_seqs * self.banned}
         sizes = [(f.split(":")[0], n[f.split(":")[1]]) for f in INT_FIELDS]
         if self.penalties:
@@ -112,6 +114,18 @@ def _unpack(flat, sizes):
         out[name] = flat[off:off + size]
         off += size
     return out
+
+
+def sampling_arrays(ints, floats, layout: StepLayout):
+    """-> (SamplingArrays, history [S, penalties] or None, num_prompt [S] or None)."""
+    i = _unpack(ints, layout.int_sizes())
+    f = _unpack(floats, [(n, layout.num_seqs) for n in FLOAT_FIELDS])
+    s = layout.num_seqs
+    params = SamplingArrays(f["temperature"], i["top_k"], f["top_p"], f["min_p"],
+                            f["presence"], f["frequency"], f["repetition"], i["seed"],
+                            i["step"], i["min_tokens"], i["banned"].reshape(s, layout.banned))
+    history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
+    return params, history, i.get("num_prompt")
 
 
 class ModelRunner:
@@ -192,16 +206,10 @@ class ModelRunner:
         return [c for pair in kv for c in pair], logits, out
 
     def _sampling(self, logits, ints, floats, bitmask, layout: StepLayout) -> dict:
-        i = _unpack(ints, layout.int_sizes())
-        f = _unpack(floats, [(n, layout.num_seqs) for n in FLOAT_FIELDS])
-        s = layout.num_seqs
-        params = SamplingArrays(f["temperature"], i["top_k"], f["top_p"], f["min_p"],
-                                f["presence"], f["frequency"], f["repetition"], i["seed"],
-                                i["step"], i["min_tokens"], i["banned"].reshape(s, layout.banned))
-        history = i["history"].reshape(s, layout.penalties) if layout.penalties else None
+        params, history, num_prompt = sampling_arrays(ints, floats, layout)
         tokens, lp, top_ids, top_lp = sample(
             logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
-            history=history, num_prompt=i.get("num_prompt"), bitmask=bitmask)
+            history=history, num_prompt=num_prompt, bitmask=bitmask)
         out = {"tokens": tokens}
         if layout.logprobs:
             out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)

@@ -39,7 +39,7 @@ def apply_penalties(logits, s: SamplingArrays, history, num_prompt):
     return logits - s.presence[:, None] * (out_counts > 0)
 
 
-def _filtered(logits, s: SamplingArrays):
+def filter_logits(logits, s: SamplingArrays):
     """Temperature-scaled logits with top-k, top-p and min-p applied (-inf outside)."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
@@ -86,7 +86,7 @@ def apply_bitmask(logits, bitmask):
 
 
 def _draw(logits, s: SamplingArrays, greedy_tokens):
-    filtered = _filtered(logits, s)
+    filtered = filter_logits(logits, s)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
         s.seed.astype(jnp.uint32), s.step)
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, filtered.shape[1:]))(keys)
@@ -94,11 +94,8 @@ def _draw(logits, s: SamplingArrays, greedy_tokens):
     return jnp.where(s.temperature > 0, drawn, greedy_tokens)
 
 
-def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
-           history=None, num_prompt=None, bitmask=None):
-    """logits [S, V] f32 -> (tokens [S], logprob [S], top ids [S, K], top logprobs [S, K]).
-    Logprobs are of the model's raw distribution (before bans, penalties and the bitmask)."""
-    raw = logits
+def constrain(logits, s: SamplingArrays, history=None, num_prompt=None, bitmask=None):
+    """The logits a row samples from: the bitmask, min_tokens bans and penalties applied."""
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     rows = jnp.arange(logits.shape[0])[:, None]
@@ -106,13 +103,28 @@ def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
     logits = logits.at[rows, ban].set(-jnp.inf, mode="drop")
     if history is not None:
         logits = apply_penalties(logits, s, history, num_prompt)
+    return logits
+
+
+def sample(logits, s: SamplingArrays, *, greedy_only: bool, want_logprobs: bool,
+           history=None, num_prompt=None, bitmask=None):
+    """logits [S, V] f32 -> (tokens [S], logprob [S], top ids [S, K], top logprobs [S, K]).
+    Logprobs are of the model's raw distribution (before bans, penalties and the bitmask)."""
+    raw = logits
+    logits = constrain(logits, s, history, num_prompt, bitmask)
     tokens = argmax(logits)
     if not greedy_only:  # the sort costs ~12 ms a row on the CPU: only when some row samples
         tokens = jax.lax.cond(jnp.any(s.temperature > 0), _draw, lambda _, __, t: t,
                               logits, s, tokens)
     if not want_logprobs:
         return tokens, None, None, None
+    return (tokens, *logprobs(raw, tokens))
+
+
+def logprobs(raw, tokens):
+    """-> (logprob of each row's token [S], top ids [S, K], top logprobs [S, K]) of the model's
+    raw distribution."""
     lp = jax.nn.log_softmax(raw, axis=-1)
     top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    return chosen, top_ids.astype(jnp.int32), top_lp
