@@ -2,7 +2,8 @@
 per-layer shapes of Llama-3.1-8B (bf16), Qwen3-0.6B (bf16) and QwQ-32B (Q4_K), for 1, 16 and
 256 sequences and a 32k-token context (kernels/lowering.py: jax 0.10 as is, an abstract H100 on
 jax >= 0.11). A kernel that no longer lowers to Triton fails here: each exported module must call
-exactly as many Triton kernels as the Pallas calls it was built from."""
+exactly as many Triton kernels as the Pallas calls it was built from, and a step of several
+layers only those of its distinct layers (models/layer_once.py)."""
 from __future__ import annotations
 
 import functools
