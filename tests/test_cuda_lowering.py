@@ -2,7 +2,8 @@
 per-layer shapes of Llama-3.1-8B (bf16), Qwen3-0.6B (bf16) and QwQ-32B (Q4_K), for 1, 16 and
 256 sequences and a 32k-token context (kernels/lowering.py: jax 0.10 as is, an abstract H100 on
 jax >= 0.11). A kernel that no longer lowers to Triton fails here: each exported module must call
-exactly as many Triton kernels as the Pallas calls it was built from."""
+exactly as many Triton kernels as the Pallas calls it was built from, and a step of several
+layers only those of its distinct layers (models/layer_once.py)."""
 from __future__ import annotations
 
 import functools
@@ -11,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tools.bench import SHAPES, packed_shape, weight_shapes
+from tools.bench import SHAPES, packed_shape
+from tools.lowering_time import abstract_runner
 from vllm_jax import models
 from vllm_jax.kernels import moe
 from vllm_jax.kernels import paged_attention as pa
 from vllm_jax.kernels import quant
-from vllm_jax.kernels.backend import Backends
 from vllm_jax.kernels.lowering import export_for_cuda, triton_calls
-from vllm_jax.runner.model_runner import ModelRunner, StepLayout
+from vllm_jax.runner.model_runner import StepLayout
 
 pytest.importorskip("jax.experimental.pallas.triton")
 
@@ -118,11 +119,8 @@ def test_grouped_dequant_matmul_lowers_for_cuda_at_qwen3_moe_shapes(qtype):
 def runner(request):
     """A 1-layer ModelRunner of the named shape over abstract weights (nothing allocated but a
     64-page cache), sized for 256 sequences of CONTEXT tokens."""
-    cls, cfg = config(request.param, layers=1)
     qtype = MODELS[request.param]
-    model = cls(cfg, weight_shapes(cls, cfg, BF16, qtype), BF16, Backends("pallas", "pallas"),
-                CONTEXT)
-    runner = ModelRunner(model, [], 64, PAGE, CONTEXT, 256, PREFILL_TOKENS, 8, BF16)
+    runner, _ = abstract_runner(request.param, qtype, 1, CONTEXT)
     runner.kernels_per_step = 1 + (7 + 1 if qtype else 0)  # attention, 7 projections, lm_head
     return runner
 
@@ -135,3 +133,25 @@ def test_engine_step_lowers_for_cuda(runner, layout):
     exported = runner.export_step(layout)
     assert triton_calls(exported) == runner.kernels_per_step
     assert exported.out_avals[-1].shape == (layout.num_seqs,)  # the sampled token of each row
+
+
+DEEP_LAYOUTS = [StepLayout(16, 16, MAX_PAGES, True), StepLayout(PREFILL_TOKENS, 8, MAX_PAGES, False)]
+
+
+@pytest.mark.parametrize("layout", DEEP_LAYOUTS, ids=["decode-16", "prefill-512x8"])
+def test_deep_step_lowers_each_kernel_once(layout):
+    """4 QwQ-32B Q4_K layers lower the Triton kernels of one: the layer is one function the
+    step calls 4 times (models/layer_once.py), not 4 copies of it."""
+    one, _ = abstract_runner("qwq-32b", "q4_k", 1, CONTEXT)
+    deep, _ = abstract_runner("qwq-32b", "q4_k", 4, CONTEXT)
+    assert triton_calls(deep.export_step(layout)) == triton_calls(one.export_step(layout))
+
+
+@pytest.mark.parametrize("layout", DEEP_LAYOUTS, ids=["decode-16", "prefill-512x8"])
+def test_sliding_and_global_layers_lower_one_attention_kernel_each(layout):
+    """Gemma 3's 6-layer pattern (5 sliding, 1 global; dense bf16, so attention is the only
+    Pallas kernel): one attention kernel per distinct layer type, not per layer."""
+    runner, layers = abstract_runner("gemma3-270m", None, 6, CONTEXT)
+    kinds = {runner.cfg.layer_type(i) for i in range(layers)}
+    assert len(kinds) == 2
+    assert triton_calls(runner.export_step(layout)) == len(kinds)

@@ -131,6 +131,43 @@ def test_no_compiles_after_warmup(llama):
     assert engine.num_compiles == compiled
 
 
+def test_step_updates_the_kv_cache_in_place(llama):
+    """Every layer's K and V, donated to the step, are its outputs' buffers (XLA's aliasing):
+    the layers, called as one function per distinct layer, update the cache in place."""
+    from vllm_jax.engine.scheduler import ScheduledBatch
+    from vllm_jax.runner.model_runner import StepLayout
+
+    runner = make_engine(llama).runner
+    for layout in (StepLayout(2, 2, runner.max_pages, True), StepLayout(16, 2, runner.max_pages,
+                                                                          False)):
+        ints, floats = runner.prepare(ScheduledBatch(False, [], []), layout)
+        compiled = runner._step.lower(runner.leaves, runner.kv, ints, floats, layout).compile()
+        memory = compiled.memory_analysis()
+        assert memory.alias_size_in_bytes >= sum(c.nbytes for c in runner.kv)
+        assert memory.temp_size_in_bytes < runner.kv[0].nbytes
+
+
+def test_decode_warmup_leaves_only_prompt_steps_to_compile(llama, caplog):
+    """--warmup decode compiles the decode buckets at start; later only prefill-shaped steps
+    (prompt chunks, mixed steps) compile, each once."""
+    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64, warmup="decode")
+    work = prompts(6, seed=5)
+    with caplog.at_level("DEBUG", logger="vllm_jax"):
+        engine.generate(work, GREEDY)
+        compiled = engine.num_compiles
+        engine.generate(work, GREEDY)
+    assert engine.num_compiles == compiled
+    layouts = [r.args[1] for r in caplog.records if r.msg.startswith("compiling")]
+    assert layouts and not any(layout.decode for layout in layouts)
+
+
+def test_unknown_warmup_is_a_config_error(llama):
+    from vllm_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="warmup='eager'"):
+        make_engine(llama, warmup="eager")
+
+
 def test_stop_strings_max_tokens_and_eos(llama):
     engine = make_engine(llama)
     p = prompts(1, seed=9)[0]

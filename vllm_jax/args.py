@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_jax.config import ConfigError, EngineConfig
+from vllm_jax.config import WARMUPS, ConfigError, EngineConfig
 from vllm_jax.engine.speculative import SpeculativeConfig
 from vllm_jax.loader.default_model import named_model
 from vllm_jax.kernels.backend import BACKENDS
@@ -92,6 +92,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
     p.add_argument("--pooling", default="last", choices=["last", "mean"],
                    help="embeddings (/v1/embeddings, LLM.embed): the final hidden state of the "
                         "last token (default, as vLLM pools decoder models) or the mean of all")
+    p.add_argument("--warmup", default="none", choices=WARMUPS,
+                   help="step buckets to compile at start (default none: each on first use); "
+                        "decode: the decode buckets, all: prompt and mixed steps too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-mixed-steps", action="store_true",
@@ -158,7 +161,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
         process_id=args.process_id, kernel_backend=args.kernel_backend,
         attention_backend=args.attention_backend, matmul_backend=args.matmul_backend,
-        seed=args.seed,
+        seed=args.seed, warmup=args.warmup,
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from vllm_jax.kernels.backend import Backends
 from vllm_jax.models.base import ConfigError, ModelConfig
 
-__all__ = ["ConfigError", "EngineConfig", "ModelConfig"]
+__all__ = ["ConfigError", "EngineConfig", "ModelConfig", "WARMUPS"]
+
+WARMUPS = ("none", "decode", "all")  # EngineConfig.warmup choices
 
 
 @dataclass
@@ -35,6 +37,9 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | xla | cpu | pallas: attention and quantized matmuls
     attention_backend: str | None = None  # paged attention's; None = kernel_backend
     matmul_backend: str | None = None  # the matmuls' (packed and dense); None = kernel_backend
+    # step buckets compiled at start: none (each on first use), decode, or all (prompt chunks
+    # and mixed steps too: the most start-up time, no compile pause in any later step)
+    warmup: str = "none"
     pooling: str = "last"  # embeddings: last | mean of the final hidden states (vLLM: LAST)
     # GGUF weights: None = packed where a fused kernel multiplies them (Pallas on GPUs, the C++
     # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllm_jax import parallel
-from vllm_jax.config import EngineConfig
+from vllm_jax.config import WARMUPS, EngineConfig
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
@@ -58,6 +58,8 @@ class LLMEngine:
         enable_compilation_cache(cache_dir())
         CompileClock.start()
         self.config = config
+        if config.warmup not in WARMUPS:
+            raise ConfigError(f"warmup={config.warmup!r}; expected one of {', '.join(WARMUPS)}")
         parallel.init_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
         self.mesh = parallel.make_mesh(config.device_ids, config.tensor_parallel_size)
@@ -109,6 +111,9 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
         self.num_generated_tokens = 0
         self._next_id = 0
+        if config.warmup != "none":
+            n = self.warmup(prefill=config.warmup == "all")
+            log.info("warm-up compiled %d step buckets (%s)", n, config.warmup)
 
     def _kv_pages(self, cfg, ps: int, dtype: np.dtype) -> int:
         """Pages for max_num_seqs full-length sequences, at most kvcache_mem_mb per device.
@@ -201,8 +206,11 @@ class LLMEngine:
     def num_compiles(self) -> int:
         return self.runner.num_compiles
 
-    def warmup(self) -> int:
-        return self.runner.warmup() + (self.speculator.warmup() if self.speculator else 0)
+    def warmup(self, prefill: bool = True) -> int:
+        """Compile the decode buckets, and the prefill-shaped ones unless `prefill` is False
+        (those then compile on first use), and the speculative verification steps; returns how
+        many were compiled."""
+        return self.runner.warmup(prefill) + (self.speculator.warmup() if self.speculator else 0)
 
     # -- embeddings ---------------------------------------------------------------------------
     def embedding_batches(self, prompts: list[list[int]],

@@ -15,6 +15,7 @@ from flax import nnx
 
 from vllm_jax.models import base
 from vllm_jax.models.base import ConfigError, ModelConfig, Weight
+from vllm_jax.models.layer_once import call_layer
 from vllm_jax.models.layers import (Attention, CacheFree, Embedding, GatedMLP, Linear, MoE,
                                     RMSNorm, rope_tables)
 
@@ -111,8 +112,10 @@ class LlamaForCausalLM(nnx.Module):
             if rope not in tables:
                 tables[rope] = rope_tables(rope, meta.positions, self.max_len)
             with jax.named_scope(f"layer{i}"):
-                x, kv = layer(x, *tables[rope], None if cache_free else kv_caches[i], meta,
-                              decode)
+                if cache_free:  # called directly: nnx.capture sees inside (router tests)
+                    x, kv = layer(x, *tables[rope], None, meta, decode)
+                else:
+                    x, kv = call_layer(layer, x, *tables[rope], kv_caches[i], meta, decode)
             new_caches.append(kv)
         x = self.norm(x)
         if cache_free:

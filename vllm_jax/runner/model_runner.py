@@ -341,13 +341,16 @@ class ModelRunner:
         padded[:len(rows)] = rows
         return {**out, **self._sample(logits, ints, floats, padded, layout)}
 
-    def warmup(self):
-        """Compile every bucket the scheduler can produce (decode greedy and sampled)."""
+    def warmup(self, prefill: bool = True) -> int:
+        """Compile the decode buckets (greedy and sampled) and, with `prefill`, every
+        prefill-shaped bucket too (prompt chunks, mixed steps); returns how many. A bucket not
+        compiled here compiles on its first step."""
         seqs = self.prefill_seq_buckets
-        layouts = [StepLayout(t, s, self.max_pages, False)  # a step has at most t sequences
-                   for t in self.token_buckets for s in seqs if s <= pick(seqs, min(t, seqs[-1]))]
-        layouts += [StepLayout(s, s, self.max_pages, True, greedy)
-                    for s in self.seq_buckets for greedy in (True, False)]
+        layouts = [StepLayout(s, s, self.max_pages, True, greedy)
+                   for s in self.seq_buckets for greedy in (True, False)]
+        if prefill:  # a step has at most t sequences
+            layouts += [StepLayout(t, s, self.max_pages, False) for t in self.token_buckets
+                        for s in seqs if s <= pick(seqs, min(t, seqs[-1]))]
         empty = ScheduledBatch(False, [], [])
         for layout in layouts:
             ints, floats = self.prepare(empty, layout)
