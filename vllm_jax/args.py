@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="at most N prompt tokens in a step that carries decode rows (default: "
                         "the whole --max-num-batched-tokens): shorter gaps between a stream's "
                         "tokens, later first tokens")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="dispatch each step before the previous one's tokens are read back, so "
+                        "the host's scheduling, detokenizing and stop checks overlap the "
+                        "device's work (default: on)")
     p.set_defaults(**defaults)
 
 
@@ -105,4 +109,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,
-        mixed_prefill_tokens=args.mixed_prefill_tokens), **overrides})
+        mixed_prefill_tokens=args.mixed_prefill_tokens,
+        async_scheduling=args.async_scheduling), **overrides})
