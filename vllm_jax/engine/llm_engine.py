@@ -321,7 +321,7 @@ class LLMEngine:
             if params.logprobs is not None:
                 top = {int(i): float(v) for i, v in
                        zip(out["top_ids"][row][:params.logprobs], out["top_logprobs"][row])}
-                seq.output_logprobs.append((lp, top))
+                seq.output_logprobs.append(_logprob_dict(token, lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
         reason = stop = None
@@ -376,8 +376,7 @@ class LLMEngine:
                 text = text[:max(0, len(text) - hold)]
             logprobs = None
             if req.params.logprobs is not None:
-                logprobs = [_logprob_dict(seq.token_ids[seq.num_prompt_tokens + i], lp, top)
-                            for i, (lp, top) in enumerate(seq.output_logprobs)]
+                logprobs = list(seq.output_logprobs)
             outs.append(CompletionOutput(
                 seq.index, text, list(seq.output_token_ids),
                 seq.cumulative_logprob if req.params.logprobs is not None else None, logprobs,

@@ -49,7 +49,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.output_logprobs: list = []  # per output token: (logprob, [(id, logprob)...])
+        self.output_logprobs: list = []  # per output token: {id: Logprob}, built once
         self.prompt_logprobs: list = []  # per prompt position >= 1
         self.cumulative_logprob = 0.0
         self.matcher = None  # an llguidance matcher over the outputs when the output is constrained
