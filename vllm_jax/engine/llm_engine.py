@@ -25,7 +25,7 @@ from vllm_jax import parallel
 from vllm_jax.config import EngineConfig
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.in_flight import InFlight, dispatched
-from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_jax.engine.outputs import CompletionOutput, RequestOutput, logprob_entries
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
 from vllm_jax.engine.structured import StructuredOutputManager
@@ -321,7 +321,7 @@ class LLMEngine:
             if params.logprobs is not None:
                 top = {int(i): float(v) for i, v in
                        zip(out["top_ids"][row][:params.logprobs], out["top_logprobs"][row])}
-                seq.output_logprobs.append(_logprob_dict(token, lp, top))
+                seq.output_logprobs.append(logprob_entries(token, lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
         reason = stop = None
@@ -378,13 +378,13 @@ class LLMEngine:
             if req.params.logprobs is not None:
                 logprobs = list(seq.output_logprobs)
             outs.append(CompletionOutput(
-                seq.index, text, list(seq.output_token_ids),
+                seq.index, text, seq.output_token_ids,
                 seq.cumulative_logprob if req.params.logprobs is not None else None, logprobs,
                 seq.finish_reason, seq.stop_reason))
         prompt_lps = None
         if req.prompt_logprobs is not None:
             ids = req.prompt_token_ids
-            prompt_lps = [None if e is None else _logprob_dict(ids[p], e[ids[p]], e)
+            prompt_lps = [None if e is None else logprob_entries(ids[p], e[ids[p]], e)
                           for p, e in enumerate(req.prompt_logprobs)]
         finished = req.finished
         if finished:
@@ -417,11 +417,3 @@ def _find_stop(text: str, before: int, stops) -> tuple[int, str] | None:
         if idx != -1 and (best is None or idx < best[0]):
             best = (idx, s)
     return best
-
-
-def _logprob_dict(token: int, lp: float, top: dict) -> dict[int, Logprob]:
-    ranked = sorted(top.items(), key=lambda kv: -kv[1])
-    out = {int(i): Logprob(v, r + 1) for r, (i, v) in enumerate(ranked)}
-    if token not in out:
-        out[token] = Logprob(lp, None)
-    return out
