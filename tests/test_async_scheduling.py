@@ -172,24 +172,31 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def test_a_step_failing_on_the_device_while_the_next_runs_costs_only_its_request(
-        llama, monkeypatch):
-    """The fault surfaces when the step is read back, after the next step was dispatched on
-    top of its KV cache and sampled tokens."""
+@pytest.mark.parametrize("at", ["read", "dispatch"])
+def test_a_step_failing_while_another_is_in_flight_costs_only_its_request(llama, monkeypatch,
+                                                                          at):
+    """read: the fault surfaces when the step is read back, after the next step was dispatched
+    on top of its KV cache and sampled tokens. dispatch: the next step fails to dispatch while
+    the previous one's tokens are still unread."""
     engine = make_engine(llama)
     ps = prompts(4, seed=3)
     alone = [engine.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
     culprit = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=666)
-    broken, run, device_get = set(), engine.runner.run, jax.device_get
+    broken, in_flight, run, device_get = set(), [], engine.runner.run, jax.device_get
 
-    def faulty_run(batch, *args):
-        out = run(batch, *args)
-        if any(s.params.seed == 666 and s.num_output_tokens >= 3 for s in batch.seqs):
+    def faulty_run(batch, bitmask, prev_tokens):
+        marked = any(s.params.seed == 666 and s.num_output_tokens >= 3 for s in batch.seqs)
+        if marked and at == "dispatch":
+            in_flight.append(prev_tokens is not None)
+            raise InjectedFault("the step failed to dispatch")
+        out = run(batch, bitmask, prev_tokens)
+        if marked:
             broken.add(id(out))
         return out
 
     def faulty_read(x):
         if id(x) in broken:
+            in_flight.append(engine.in_flight is not None)
             raise InjectedFault("the step failed on the device")
         return device_get(x)
 
@@ -201,6 +208,7 @@ def test_a_step_failing_on_the_device_while_the_next_runs_costs_only_its_request
     assert isinstance(bad.error, InjectedFault) and bad.outputs[0].finish_reason == "error"
     assert [o.outputs[0].token_ids for o in outs] == alone
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    assert in_flight[0]  # the first fault came while another step was in flight
 
 
 @pytest.mark.parametrize("argv, expect", [([], True), (["--async-scheduling"], True),
