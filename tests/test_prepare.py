@@ -19,8 +19,9 @@ PROMPT = list(range(100, 111))  # 11 tokens: two full pages the prefix cache can
 
 def reference(runner, batch: ScheduledBatch, layout: StepLayout) -> dict:
     s, t = layout.num_seqs, layout.num_tokens
-    ref = {"tokens": [0] * t, "prev_row": [-1] * t, "positions": [0] * t, "slot_mapping": [PAGES * PAGE] * t,
-           "seq_idx": [s - 1] * t, "block_tables": np.zeros((s, layout.max_pages), np.int32),
+    ref = {"tokens": [0] * t, "prev_row": [-1] * t, "positions": [0] * t,
+           "slot_mapping": [PAGES * PAGE] * t, "seq_idx": [s - 1] * t,
+           "block_tables": np.zeros((s, layout.max_pages), np.int32),
            "context_lens": [0] * s, "logits_indices": [0] * s, "step": [0] * s,
            "top_k": [0] * s, "min_tokens": [0] * s, "banned": np.full((s, layout.banned), -1),
            "history": np.full((s, layout.penalties), -1), "num_prompt": [0] * s}

@@ -31,9 +31,9 @@ from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
 
 log = logging.getLogger("vllm_jax")
 
-INT_FIELDS = ("tokens:T", "prev_row:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_tables:SB",
-              "context_lens:S", "logits_indices:S", "top_k:S", "seed:S", "step:S",
-              "min_tokens:S", "banned:SX")
+INT_FIELDS = ("tokens:T", "prev_row:T", "positions:T", "slot_mapping:T", "seq_idx:T",
+              "block_tables:SB", "context_lens:S", "logits_indices:S", "top_k:S", "seed:S",
+              "step:S", "min_tokens:S", "banned:SX")
 MIN_BANNED = 8  # eos and stop_token_ids masked below min_tokens: the width's smallest bucket
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 SAMPLING_ATTRS = dict(zip(FLOAT_FIELDS, ("temperature", "top_p", "min_p", "presence_penalty",
