@@ -1,5 +1,6 @@
 """ModelRunner.prepare against a plain per-token construction from the block manager's lists,
-across prefix-cache hits, preemption and re-admission (the int32 page mirror must follow)."""
+across prefix-cache hits, preemption and re-admission (the int32 page mirror must follow), and
+with tokens still in flight (placeholders) under async scheduling."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ PROMPT = list(range(100, 111))  # 11 tokens: two full pages the prefix cache can
 
 def reference(runner, batch: ScheduledBatch, layout: StepLayout) -> dict:
     s, t = layout.num_seqs, layout.num_tokens
-    ref = {"tokens": [0] * t, "positions": [0] * t, "slot_mapping": [PAGES * PAGE] * t,
-           "seq_idx": [s - 1] * t, "block_tables": np.zeros((s, layout.max_pages), np.int32),
+    ref = {"tokens": [0] * t, "prev_row": [-1] * t, "positions": [0] * t,
+           "slot_mapping": [PAGES * PAGE] * t, "seq_idx": [s - 1] * t,
+           "block_tables": np.zeros((s, layout.max_pages), np.int32),
            "context_lens": [0] * s, "logits_indices": [0] * s, "step": [0] * s,
            "top_k": [0] * s, "min_tokens": [0] * s, "banned": np.full((s, layout.banned), -1),
            "history": np.full((s, layout.penalties), -1), "num_prompt": [0] * s}
@@ -28,6 +30,8 @@ def reference(runner, batch: ScheduledBatch, layout: StepLayout) -> dict:
         for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
             ref["tokens"][i], ref["positions"][i], ref["seq_idx"][i] = seq.token_ids[p], p, row
             ref["slot_mapping"][i] = seq.block_table[p // PAGE] * PAGE + p % PAGE
+            if p >= seq.num_known_tokens:  # a placeholder: its step's sampled row holds it
+                ref["prev_row"][i] = seq.prev_row
             i += 1
         ref["block_tables"][row, :len(seq.block_table)] = seq.block_table
         ref["context_lens"][row] = seq.num_computed_tokens + n
@@ -94,3 +98,27 @@ def test_prepare_matches_reference_through_preemption_and_prefix_hits(engine_sta
     computed(bm, b, 8)
     computed(bm, c, 8)
     check_prepare(runner, ScheduledBatch(True, [a, b, c], [1, 1, 1], 3), layout(4, 4, True))
+
+
+def in_flight(bm: BlockManager, seq: Sequence, row: int):
+    """A step computed every token the sequence holds; its sampled token is not read yet."""
+    seq.num_computed_tokens = seq.num_tokens
+    bm.register_computed(seq)
+    seq.add_placeholder(row)
+    bm.may_append(seq)
+
+
+def test_rows_whose_token_is_in_flight_name_its_row_in_the_previous_step(engine_state):
+    runner, bm, (a, b, c) = engine_state
+    for seq in (a, b, c):
+        bm.allocate(seq)
+    computed(bm, a, 5)
+    in_flight(bm, b, row=1)
+    check_prepare(runner, ScheduledBatch(True, [a, b], [1, 1], 2), layout(2, 2, True))
+    in_flight(bm, a, row=0)
+    chunk = c.num_tokens - c.num_computed_tokens
+    check_prepare(runner, ScheduledBatch(False, [b, a, c], [1, 1, chunk], 2),
+                  layout(16, 4, False))
+    b.fill_placeholder(8)
+    assert b.token_ids[-1] == 8 and b.prev_row == -1
+    check_prepare(runner, ScheduledBatch(True, [a, b], [1, 1], 2), layout(2, 2, True))

@@ -237,7 +237,8 @@ def _collectives(engine) -> dict:
     layout = StepLayout(1, 1, r.max_pages, True, greedy_only=True)
     ints, floats = r.prepare(ScheduledBatch(True, [], []), layout)
     with jax.set_mesh(engine.mesh):
-        hlo = r._step.__wrapped__.lower(r.leaves, r.kv, ints, floats, layout).compile().as_text()
+        hlo = r._step.__wrapped__.lower(r.leaves, r.kv, ints, floats, layout,
+                                        r.no_prev_tokens).compile().as_text()
     pattern = r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     return dict(collections.Counter(re.findall(pattern + r"(?:-start)?\(", hlo)))
 

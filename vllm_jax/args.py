@@ -115,6 +115,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
     p.add_argument("--num-speculative-tokens", type=positive(), metavar="K",
                    help="tokens proposed per step (with --speculative-model, or overriding "
                         "--speculative-config's)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="dispatch each step before the previous one's tokens are read back, so "
+                        "the host's scheduling, detokenizing and stop checks overlap the "
+                        "device's work (default: on)")
     p.set_defaults(**defaults)
 
 
@@ -166,4 +170,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,
         mixed_prefill_tokens=args.mixed_prefill_tokens,
-        speculative_config=getattr(args, "speculative_config", None)), **overrides})
+        speculative_config=getattr(args, "speculative_config", None),
+        async_scheduling=args.async_scheduling), **overrides})

@@ -24,6 +24,9 @@ class EngineConfig:
     # most prompt tokens in a step beside decode rows (None: the whole budget); fewer keep the
     # running streams' gaps short, at the cost of time to first token
     mixed_prefill_tokens: int | None = None
+    # dispatch step N+1 before reading step N's tokens, so the host's work per step overlaps the
+    # device's (engine/llm_engine.py); off: every step is read before the next is scheduled
+    async_scheduling: bool = True
     quant: str | None = None
     dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
     kv_cache_dtype: str = "auto"  # auto = dtype; f16/bf16 halve a float32 cache (llama.cpp: f16)

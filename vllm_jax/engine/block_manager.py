@@ -112,7 +112,7 @@ class BlockManager:
         """Publish the pages whose KV is now complete to the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, seq.num_tokens) // self.page_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.page_size
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.page_tokens(i, self.page_size))
             prev = seq.block_hashes[-1] if seq.block_hashes else -1

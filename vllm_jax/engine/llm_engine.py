@@ -1,5 +1,12 @@
 """The engine loop: add_request / step / abort; detokenize and apply stop conditions.
 
+With async scheduling (EngineConfig.async_scheduling) a step dispatches the next batch before
+it reads the previous one's sampled tokens (engine/in_flight.py): the device computes step N+1
+while the host appends, stop-checks and detokenizes step N. A sequence that stopped at N had
+its N+1 token computed for nothing; it is discarded. Steps whose rows need their last token on
+the host before the next one is prepared (structured output's bitmask, penalties' history) are
+read at once, and so are the steps that run suspects alone after a failure.
+
 A step that raises costs only the request to blame: the KV cache is rebuilt, every sequence
 recomputed, and the failed batch's sequences retried alone (Scheduler.restart); a sequence
 that fails alone ends its request with finish_reason "error"."""
@@ -17,7 +24,8 @@ import numpy as np
 from vllm_jax import parallel
 from vllm_jax.config import WARMUPS, EngineConfig
 from vllm_jax.engine.block_manager import BlockManager
-from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_jax.engine.in_flight import InFlight, dispatched
+from vllm_jax.engine.outputs import CompletionOutput, RequestOutput, logprob_entries
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
 from vllm_jax.engine.speculative import make_speculator
@@ -111,6 +119,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
         self.num_generated_tokens = 0
         self._next_id = 0
+        self.in_flight: InFlight | None = None  # the step dispatched and not read yet
         if config.warmup != "none":
             n = self.warmup(prefill=config.warmup == "all")
             log.info("warm-up compiled %d step buckets (%s)", n, config.warmup)
@@ -234,10 +243,13 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch a step; return the outputs of the steps read meanwhile (with
+        async scheduling, the previous one)."""
         batch = self.scheduler.schedule()
+        earlier, self.in_flight = self.in_flight, None
         if batch is None:
-            return []
-        if self.speculator is not None and self.speculator.applies(batch):
+            return self._read(earlier) if earlier else []
+        if self.speculator is not None and self.speculator.applies(batch):  # never async
             try:
                 outputs = self.speculator.step(batch)
             except Exception as error:
@@ -245,21 +257,38 @@ class LLMEngine:
             if outputs is not None:
                 return outputs
         try:
-            out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
+            out = self.runner.run(batch, self._bitmask(batch), earlier and earlier.prev_tokens)
         except Exception as error:  # a bug, or a request that slipped past validation
             return self._recover(batch, error)
-        touched = {}
-        now = time.monotonic()
-        for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
+        self.num_prompt_tokens += sum(batch.num_new_tokens[batch.num_decode_rows:])
+        self.in_flight = dispatched(batch, out, self.block_manager)
+        outputs = self._read(earlier) if earlier else []  # a failure there clears in_flight
+        if self.in_flight is not None and not self._may_overlap(batch):
+            current, self.in_flight = self.in_flight, None
+            outputs += self._read(current)
+        return outputs
+
+    def _may_overlap(self, batch: ScheduledBatch) -> bool:
+        """The next step may be dispatched before this one's tokens are read."""
+        return (self.config.async_scheduling and self.speculator is None
+                and not self.scheduler.suspects) and not any(
+            seq.matcher is not None or seq.params.uses_penalties for seq in batch.seqs)
+
+    def _read(self, step: InFlight) -> list[RequestOutput]:
+        """Read a dispatched step back: fill its placeholders, stop-check, detokenize."""
+        try:
+            out = jax.device_get(step.out)
+        except Exception as error:  # the step failed on the device
+            return self._recover(step.batch, error)
+        batch, touched, now = step.batch, {}, time.monotonic()
+        for row, seq, offset in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
+            if seq.is_finished:
+                continue  # it stopped (or was aborted) while this step ran: discard its token
             req = self.requests[seq.request_id]
-            n = batch.num_new_tokens[row]
             if "prompt_logprob" in out and req.prompt_logprobs is not None and seq.index == 0:
-                self._record_prompt_logprobs(req, seq, out, start, n)
-            seq.num_computed_tokens += n
-            if row >= batch.num_decode_rows:
-                self.num_prompt_tokens += n
-            self.block_manager.register_computed(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
+                self._record_prompt_logprobs(req, seq, out, offset, step.starts[row],
+                                             batch.num_new_tokens[row])
+            if not step.sampled[row]:
                 continue  # a prompt chunk; the prompt is not done yet
             self._append(req, seq, out, row)
             req.first_token_time = req.first_token_time or now
@@ -267,16 +296,21 @@ class LLMEngine:
         return [self._output(r) for r in touched.values()]
 
     def _recover(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
-        """After a failed step, nothing in the KV cache is trusted (it was donated to the step).
-        A sequence that failed alone is to blame: its request ends with the error."""
+        """After a failed step, nothing in the KV cache is trusted (it was donated to the step),
+        nor what a step still in flight computes from it. A sequence that failed alone is to
+        blame: its request ends with the error."""
         log.error("an engine step of %d sequences failed", len(batch.seqs), exc_info=error)
+        self.in_flight = None
+        for req in self.requests.values():
+            for seq in req.seqs:
+                seq.drop_placeholders()
         alone = len(batch.seqs) == 1
         self.scheduler.restart([] if alone else batch.seqs)
         self.block_manager.reset_prefix_cache()
         self.runner.reset_kv()
-        if not alone:
+        req = self.requests.get(batch.seqs[0].request_id)
+        if not alone or req is None:  # None: aborted while its step ran
             return []
-        req = self.requests[batch.seqs[0].request_id]
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "error"
@@ -296,7 +330,7 @@ class LLMEngine:
 
     def _append(self, req: Request, seq: Sequence, out: dict, row: int):
         token = int(out["tokens"][row])
-        seq.token_ids.append(token)
+        seq.fill_placeholder(token)
         grammar_done = seq.matcher is not None and self.structured.advance(seq, token)
         self.num_generated_tokens += 1
         params = seq.params
@@ -306,11 +340,11 @@ class LLMEngine:
             if params.logprobs is not None:
                 top = {int(i): float(v) for i, v in
                        zip(out["top_ids"][row][:params.logprobs], out["top_logprobs"][row])}
-                seq.output_logprobs.append((lp, top))
+                seq.output_logprobs.append(logprob_entries(token, lp, top))
         detok = req.detoks[seq.index]
         before = len(detok.text)
         reason = stop = None
-        n_out = seq.num_output_tokens
+        n_out = seq.num_known_tokens - seq.num_prompt_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
                 reason = "stop"
@@ -329,7 +363,7 @@ class LLMEngine:
         if reason is None and grammar_done:
             reason = "stop"
         if reason is None and (params.max_tokens is not None and n_out >= params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
+                               or seq.num_known_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None and params.detokenize and not isinstance(stop, str):
             detok.flush()
@@ -339,8 +373,9 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq)
 
-    def _record_prompt_logprobs(self, req, seq, out, start, n):
-        first = seq.num_computed_tokens  # position of this chunk's first token
+    def _record_prompt_logprobs(self, req, seq, out, start, first, n):
+        """The logprobs of the rows from `start` in `out`: the chunk from prompt position
+        `first`, of n tokens."""
         k = req.params.prompt_logprobs
         for j in range(n):
             p = first + j + 1  # the prompt position this logit predicts
@@ -360,16 +395,15 @@ class LLMEngine:
                 text = text[:max(0, len(text) - hold)]
             logprobs = None
             if req.params.logprobs is not None:
-                logprobs = [_logprob_dict(seq.token_ids[seq.num_prompt_tokens + i], lp, top)
-                            for i, (lp, top) in enumerate(seq.output_logprobs)]
+                logprobs = list(seq.output_logprobs)
             outs.append(CompletionOutput(
-                seq.index, text, list(seq.output_token_ids),
+                seq.index, text, seq.output_token_ids,
                 seq.cumulative_logprob if req.params.logprobs is not None else None, logprobs,
                 seq.finish_reason, seq.stop_reason))
         prompt_lps = None
         if req.prompt_logprobs is not None:
             ids = req.prompt_token_ids
-            prompt_lps = [None if e is None else _logprob_dict(ids[p], e[ids[p]], e)
+            prompt_lps = [None if e is None else logprob_entries(ids[p], e[ids[p]], e)
                           for p, e in enumerate(req.prompt_logprobs)]
         finished = req.finished
         if finished:
@@ -402,11 +436,3 @@ def _find_stop(text: str, before: int, stops) -> tuple[int, str] | None:
         if idx != -1 and (best is None or idx < best[0]):
             best = (idx, s)
     return best
-
-
-def _logprob_dict(token: int, lp: float, top: dict) -> dict[int, Logprob]:
-    ranked = sorted(top.items(), key=lambda kv: -kv[1])
-    out = {int(i): Logprob(v, r + 1) for r, (i, v) in enumerate(ranked)}
-    if token not in out:
-        out[token] = Logprob(lp, None)
-    return out

@@ -55,3 +55,13 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
     prompt_token_ids: list[int]
     finished: bool = True
+
+
+def logprob_entries(token: int, lp: float, top: dict) -> dict[int, Logprob]:
+    """One position's {id: Logprob}: the top ids ranked, and the chosen token's (unranked
+    when it is not among them)."""
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])
+    out = {int(i): Logprob(v, r + 1) for r, (i, v) in enumerate(ranked)}
+    if token not in out:
+        out[token] = Logprob(lp, None)
+    return out

@@ -153,6 +153,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.block_table:
             self.block_manager.deallocate(seq)
+        seq.drop_placeholders()  # what a step still in flight samples for it is discarded
         seq.status = SequenceStatus.FINISHED
 
 

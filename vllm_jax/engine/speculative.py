@@ -187,6 +187,7 @@ class Speculator:
             for j in range(accepted + 1):
                 seq.num_computed_tokens += 1
                 engine.block_manager.register_computed(seq)
+                seq.add_placeholder(-1)  # what _append fills, as after a plain step
                 engine._append(req, seq, _position(out, row, j), 0)
                 stats.emitted_tokens += 1
                 if seq.is_finished:

@@ -146,7 +146,8 @@ class Drafter:
 
     def _draft_impl(self, leaves, kv, ints, floats, layout: StepLayout):
         self.runner._count_compile("draft", layout)
-        kv, logits, _ = self.runner._forward_pass(leaves, kv, ints, layout)
+        no_prev = jnp.zeros((self.runner.max_rows,), jnp.int32)  # nothing in flight
+        kv, logits, _ = self.runner._forward_pass(leaves, kv, ints, layout, no_prev)
         params, history, num_prompt = sampling_arrays(ints, floats, layout)
         constrained = constrain(logits, params, history, num_prompt)
         greedy = argmax(constrained)

@@ -6,6 +6,10 @@ the sampling, so the host fills the allowed-token bitmask while the forward runs
 as an argument and the KV cache is donated, so it is updated in place. Both go in as flat lists
 of arrays, which jit's C++ dispatch reads directly: handing it the NNX state (and the graphdef as
 a static argument) cost ~8 ms of Python hashing and flattening per step.
+
+Under async scheduling a decode row's input token may not be known on the host yet: its
+`prev_row` names the row of the previous step's sampled tokens (a device array every step takes,
+[max rows], and every step returns) that the step reads it from, so no step waits for a readback.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vllm_jax import parallel
 from vllm_jax.kernels import lowering
@@ -26,9 +31,9 @@ from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
 
 log = logging.getLogger("vllm_jax")
 
-INT_FIELDS = ("tokens:T", "positions:T", "slot_mapping:T", "seq_idx:T", "block_tables:SB",
-              "context_lens:S", "logits_indices:L", "top_k:S", "seed:S", "step:S",
-              "min_tokens:S", "banned:SX")
+INT_FIELDS = ("tokens:T", "prev_row:T", "positions:T", "slot_mapping:T", "seq_idx:T",
+              "block_tables:SB", "context_lens:S", "logits_indices:L", "top_k:S", "seed:S",
+              "step:S", "min_tokens:S", "banned:SX")
 MIN_BANNED = 8  # eos and stop_token_ids masked below min_tokens: the width's smallest bucket
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 SAMPLING_ATTRS = dict(zip(FLOAT_FIELDS, ("temperature", "top_p", "min_p", "presence_penalty",
@@ -146,11 +151,13 @@ class ModelRunner:
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
         # rows of a prefill-shaped step: prompt chunks, and in a mixed step decode rows too
         self.prefill_seq_buckets = buckets(max_prefill_step_seqs)
+        self.max_rows = max(self.seq_buckets[-1], self.prefill_seq_buckets[-1])
         self.kv_dtype, self.mesh = kv_dtype, mesh
         self.reset_kv()
         if mesh is not None:
             parallel.log_device_bytes("KV cache", self.kv, mesh)
         self.num_compiles = 0
+        self.no_prev_tokens = self._replicated(np.zeros(self.max_rows, np.int32))
         self._step = parallel.under_mesh(
             jax.jit(self._step_impl, static_argnums=(4,), donate_argnums=(1,)), mesh)
         self._forward = parallel.under_mesh(
@@ -165,20 +172,27 @@ class ModelRunner:
         self.kv = [jnp.zeros(shape, self.kv_dtype, device=where)  # K, V of layer 0, of layer 1...
                    for _ in range(2 * self.cfg.num_layers)]
 
+    def _replicated(self, host: np.ndarray) -> jax.Array:
+        """On every device of the mesh, as the step returns its sampled tokens (one sharding
+        from call to call, so the step never compiles twice for one layout)."""
+        if self.mesh is None:
+            return jnp.asarray(host)
+        return jax.device_put(host, NamedSharding(self.mesh, PartitionSpec()))
+
     def model(self, leaves=None) -> nnx.Module:
         """The model over `leaves` (default: the weights held here); usable inside a jit."""
         state = jax.tree.unflatten(self._treedef, self.leaves if leaves is None else leaves)
         return nnx.merge(self.graphdef, state)
 
     # -- device side --------------------------------------------------------------------------
-    def _step_impl(self, leaves, kv, ints, floats, layout: StepLayout):
+    def _step_impl(self, leaves, kv, ints, floats, layout: StepLayout, prev_tokens):
         self._count_compile("step", layout)
-        kv, logits, out = self._forward_pass(leaves, kv, ints, layout)
+        kv, logits, out = self._forward_pass(leaves, kv, ints, layout, prev_tokens)
         return kv, {**out, **self._sampling(logits, ints, floats, None, layout)}
 
-    def _forward_impl(self, leaves, kv, ints, layout: StepLayout):
+    def _forward_impl(self, leaves, kv, ints, layout: StepLayout, prev_tokens):
         self._count_compile("forward", layout)
-        return self._forward_pass(leaves, kv, ints, layout)
+        return self._forward_pass(leaves, kv, ints, layout, prev_tokens)
 
     def _sample_impl(self, logits, ints, floats, bitmask, layout: StepLayout):
         self._count_compile("sampling", layout)
@@ -188,7 +202,7 @@ class ModelRunner:
         self.num_compiles += 1  # runs only while tracing, i.e. once per compile
         log.debug("compiling %s %s", what, layout)
 
-    def _forward_pass(self, leaves, kv, ints, layout: StepLayout):
+    def _forward_pass(self, leaves, kv, ints, layout: StepLayout, prev_tokens):
         """-> (the updated KV cache, logits [S, V] of each row's last token, prompt logprobs)."""
         model = self.model(leaves)
         kv = list(zip(kv[0::2], kv[1::2]))
@@ -196,7 +210,9 @@ class ModelRunner:
         s, b = layout.num_seqs, layout.max_pages
         meta = AttnMetadata(i["positions"], i["slot_mapping"], i["seq_idx"],
                             i["block_tables"].reshape(s, b), i["context_lens"])
-        hidden, kv = model(i["tokens"], kv, meta, layout.decode)
+        prev = i["prev_row"]  # [T]: -1, or the row of prev_tokens that holds this token
+        tokens = jnp.where(prev >= 0, prev_tokens[jnp.maximum(prev, 0)], i["tokens"])
+        hidden, kv = model(tokens, kv, meta, layout.decode)
         logits = model.logits(hidden[i["logits_indices"]])
         out = {}
         if layout.prompt_logprobs:
@@ -210,7 +226,7 @@ class ModelRunner:
         tokens, lp, top_ids, top_lp = sample(
             logits, params, greedy_only=layout.greedy_only, want_logprobs=layout.logprobs,
             history=history, num_prompt=num_prompt, bitmask=bitmask)
-        out = {"tokens": tokens}
+        out = {"tokens": jnp.pad(tokens, (0, self.max_rows - layout.num_seqs))}  # [max rows]: prev_tokens
         if layout.logprobs:
             out.update(logprob=lp, top_ids=top_ids, top_logprobs=top_lp)
         return out
@@ -221,8 +237,9 @@ class ModelRunner:
         ints = jax.ShapeDtypeStruct((sum(n for _, n in layout.int_sizes()),), jnp.int32)
         floats = jax.ShapeDtypeStruct((len(FLOAT_FIELDS) * layout.num_seqs,), jnp.float32)
         kv = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.kv]
+        prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32)
         step = jax.jit(self._step_impl, static_argnums=(4,))
-        return lowering.export_for_cuda(step, self.leaves, kv, ints, floats, layout)
+        return lowering.export_for_cuda(step, self.leaves, kv, ints, floats, layout, prev)
 
     # -- host side ----------------------------------------------------------------------------
     def layout_for(self, batch: ScheduledBatch) -> StepLayout:
@@ -251,6 +268,7 @@ class ModelRunner:
         oob = self.num_pages * self.page_size
         a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
         a["slot_mapping"][:] = oob
+        a["prev_row"][:] = -1
         a["seq_idx"][:] = s - 1
         a["banned"][:] = -1
         banned = a["banned"].reshape(s, layout.banned)
@@ -291,6 +309,7 @@ class ModelRunner:
         rows, ps = len(seqs), self.page_size
         pos = [q.num_computed_tokens for q in seqs]
         a["tokens"][:rows] = [q.token_ids[p] for q, p in zip(seqs, pos)]
+        a["prev_row"][:rows] = [q.prev_row for q in seqs]
         a["positions"][:rows] = pos
         a["slot_mapping"][:rows] = [q.block_table[p // ps] * ps + p % ps for q, p in zip(seqs, pos)]
         a["seq_idx"][:rows] = np.arange(rows)
@@ -306,6 +325,8 @@ class ModelRunner:
             a["slot_mapping"][off:off + n] = table[pos // self.page_size] * self.page_size + (
                 pos % self.page_size)
             a["seq_idx"][off:off + n] = row
+            if start + n > seq.num_known_tokens:  # its last token is still in flight
+                a["prev_row"][off + n - 1] = seq.prev_row
             if layout.prompt_logprobs:
                 tgt = seq.token_ids[start + 1:start + n + 1]
                 a["targets"][off:off + len(tgt)] = tgt
@@ -325,17 +346,20 @@ class ModelRunner:
         for name, attr in SAMPLING_ATTRS.items():
             fl[name][:rows] = [getattr(x, attr) for x in p]
 
-    def run(self, batch: ScheduledBatch, bitmask: Callable[[], np.ndarray] | None = None) -> dict:
+    def run(self, batch: ScheduledBatch, bitmask: Callable[[], np.ndarray] | None = None,
+            prev_tokens: jax.Array | None = None) -> dict:
         """Dispatch the step; returns device arrays (read them with jax.device_get).
         `bitmask`, when some row is constrained, is called while the forward runs: it returns
         [len(batch.seqs), words] int32, the tokens each row may sample (bit t % 32 of word
-        t // 32, all bits set for a free row)."""
+        t // 32, all bits set for a free row). `prev_tokens`: the "tokens" of the step in
+        flight, where the rows holding a placeholder read their input."""
         layout = self.layout_for(batch)
         ints, floats = self.prepare(batch, layout)
+        prev = self.no_prev_tokens if prev_tokens is None else prev_tokens
         if bitmask is None:
-            self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
+            self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout, prev)
             return out
-        self.kv, logits, out = self._forward(self.leaves, self.kv, ints, layout)
+        self.kv, logits, out = self._forward(self.leaves, self.kv, ints, layout, prev)
         rows = bitmask()
         padded = np.full((layout.num_seqs, rows.shape[1]), -1, np.int32)
         padded[:len(rows)] = rows
@@ -354,6 +378,7 @@ class ModelRunner:
         empty = ScheduledBatch(False, [], [])
         for layout in layouts:
             ints, floats = self.prepare(empty, layout)
-            self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout)
+            self.kv, out = self._step(self.leaves, self.kv, ints, floats, layout,
+                                      self.no_prev_tokens)
         jax.block_until_ready(self.kv)
         return len(layouts)

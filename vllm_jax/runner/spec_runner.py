@@ -80,7 +80,8 @@ class Verifier:
 
     def _verify_impl(self, leaves, kv, ints, floats, drafts, draft_probs, layout: StepLayout):
         self.runner._count_compile("verify", layout)
-        kv, logits, _ = self.runner._forward_pass(leaves, kv, ints, layout)
+        no_prev = jnp.zeros((self.runner.max_rows,), jnp.int32)  # nothing in flight
+        kv, logits, _ = self.runner._forward_pass(leaves, kv, ints, layout, no_prev)
         params, history, num_prompt = sampling_arrays(ints, floats, layout)
         context_lens = _unpack(ints, layout.int_sizes())["context_lens"]
         num_tokens = context_lens - (drafts >= 0).sum(axis=1)

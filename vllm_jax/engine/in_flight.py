@@ -1,0 +1,38 @@
+"""A dispatched step whose sampled tokens the host has not read yet.
+
+Dispatching a step advances its sequences at once, before anything is read back: each row's
+computed tokens count, its full pages go to the prefix cache (any later step that reads them runs
+after this one on the device), and a row that samples gets a placeholder token. So the next step
+can be scheduled and dispatched while this one runs (async scheduling); reading the step later
+fills the placeholders in dispatch order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_jax.engine.block_manager import BlockManager
+from vllm_jax.engine.scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class InFlight:
+    batch: ScheduledBatch
+    out: dict  # the step's device arrays ("tokens" [max rows], logprobs, prompt logprobs)
+    starts: list[int]  # each row's num_computed_tokens before the step
+    sampled: list[bool]  # each row's step sampled a token (it reached the sequence's end)
+
+    @property
+    def prev_tokens(self):
+        return self.out["tokens"]
+
+
+def dispatched(batch: ScheduledBatch, out: dict, block_manager: BlockManager) -> InFlight:
+    starts, sampled = [], []
+    for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        starts.append(seq.num_computed_tokens)
+        seq.num_computed_tokens += n
+        block_manager.register_computed(seq)
+        sampled.append(seq.num_computed_tokens >= seq.num_tokens)
+        if sampled[-1]:
+            seq.add_placeholder(row)
+    return InFlight(batch, out, starts, sampled)
