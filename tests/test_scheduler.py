@@ -4,6 +4,7 @@ from __future__ import annotations
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.scheduler import Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.step_cost import MixedStepBudget
 from vllm_jax.sampling_params import SamplingParams
 
 PAGE = 4
@@ -98,3 +99,55 @@ def test_out_of_pages_a_decode_row_preempts_the_newest_and_admits_nobody():
     batch = sched.schedule()
     assert sched.num_preemptions == 1 and new in sched.waiting
     assert batch.decode and batch.seqs == [old]
+
+
+def measured_budget(slowdown=2.0, min_tokens=4, decode_s=0.1, token_s=0.01):
+    """A budget that has seen a pure decode step and a mixed step of 10 prompt tokens."""
+    budget = MixedStepBudget(slowdown, min_tokens=min_tokens)
+    budget.observe(2, 0, decode_s)
+    budget.observe(2, 10, decode_s + 10 * token_s)
+    return budget
+
+
+def test_measured_costs_cap_prompt_tokens_to_the_allowed_slowdown():
+    assert MixedStepBudget(2.0).prompt_tokens() is None  # nothing measured: no limit
+    # (2 - 1) x 0.1 s of decode step / 0.01 s per prompt token
+    assert measured_budget(slowdown=2.0).prompt_tokens() == 10
+    assert measured_budget(slowdown=1.5).prompt_tokens() == 5
+    assert measured_budget(slowdown=1.1, min_tokens=4).prompt_tokens() == 4
+
+
+def test_a_step_without_decode_rows_teaches_nothing_about_prompt_tokens():
+    budget = MixedStepBudget(2.0)
+    budget.observe(0, 64, 5.0)  # a pure prefill step
+    assert budget.token_seconds is None and budget.prompt_tokens() is None
+
+
+def test_the_step_budget_caps_mixed_steps_and_prompts_still_finish():
+    sched = make_scheduler(budget=32, step_budget=measured_budget(slowdown=1.5, min_tokens=4))
+    running = decoding(sched, 3, 2)
+    long = request(40, first=100)
+    sched.add(long)
+    while long.num_output_tokens == 0:
+        batch = sched.schedule()
+        assert batch.seqs[:2] == running and batch.num_decode_rows == 2
+        assert batch.num_tokens - batch.num_decode_rows <= 5
+        sched.observe(batch, 0.1 + 0.01 * (batch.num_tokens - 2))  # what the costs predict
+        run(batch)
+    assert long.num_computed_tokens == 40
+
+
+def test_a_slow_prompt_token_still_gets_the_minimum_into_each_mixed_step():
+    budget = measured_budget(slowdown=1.5, min_tokens=4, token_s=10.0)
+    sched = make_scheduler(budget=32, step_budget=budget)
+    decoding(sched, 3)
+    sched.add(request(40, first=100))
+    assert sched.schedule().num_new_tokens == [1, 4]
+
+
+def test_a_fixed_mixed_prefill_tokens_overrides_the_step_budget():
+    sched = make_scheduler(budget=32, mixed_prefill_tokens=12,
+                           step_budget=measured_budget(slowdown=1.5, min_tokens=4))
+    decoding(sched, 3)
+    sched.add(request(40, first=100))
+    assert sched.schedule().num_new_tokens == [1, 12]

@@ -87,6 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="at most N prompt tokens in a step that carries decode rows (default: "
                         "the whole --max-num-batched-tokens): shorter gaps between a stream's "
                         "tokens, later first tokens")
+    p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
+                   help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
+                        "capped so that a step takes at most X pure decode steps' time, as "
+                        "measured while serving (default 2)")
     p.set_defaults(**defaults)
 
 
@@ -105,4 +109,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,
-        mixed_prefill_tokens=args.mixed_prefill_tokens), **overrides})
+        mixed_prefill_tokens=args.mixed_prefill_tokens,
+        mixed_step_slowdown=args.mixed_step_slowdown), **overrides})

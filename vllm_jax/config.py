@@ -22,6 +22,9 @@ class EngineConfig:
     # most prompt tokens in a step beside decode rows (None: the whole budget); fewer keep the
     # running streams' gaps short, at the cost of time to first token
     mixed_prefill_tokens: int | None = None
+    # else a mixed step takes at most this many pure decode steps' time, its prompt tokens
+    # capped by costs measured while serving (engine/step_cost.py); None: the whole budget
+    mixed_step_slowdown: float | None = 2.0
     quant: str | None = None
     dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
     kv_cache_dtype: str = "auto"  # auto = dtype; f16/bf16 halve a float32 cache (llama.cpp: f16)

@@ -20,6 +20,7 @@ from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.step_cost import MixedStepBudget
 from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
@@ -99,7 +100,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs, mixed=config.mixed_steps,
-                                   mixed_prefill_tokens=config.mixed_prefill_tokens)
+                                   mixed_prefill_tokens=config.mixed_prefill_tokens,
+                                   step_budget=MixedStepBudget(config.mixed_step_slowdown)
+                                   if config.mixed_step_slowdown else None)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
@@ -226,10 +229,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        compiles, started = self.runner.num_compiles, time.perf_counter()
         try:
             out = jax.device_get(self.runner.run(batch, self._bitmask(batch)))
         except Exception as error:  # a bug, or a request that slipped past validation
             return self._recover(batch, error)
+        if self.runner.num_compiles == compiles:  # a compile says nothing of the step's cost
+            self.scheduler.observe(batch, time.perf_counter() - started)
         touched = {}
         now = time.monotonic()
         for row, seq, start in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
