@@ -99,7 +99,7 @@ def main(argv=None):
         if args.server:
             from vllm_jax.server import serve
             return serve(engine_config(args), args.host, args.port, args.served_model_name,
-                         args.log_interval, server_options(args))
+                         args.log_interval, server_options(args), args.warmup)
         if args.i:
             from vllm_jax.repl import run_chat
             flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

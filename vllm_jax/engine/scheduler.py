@@ -94,7 +94,7 @@ class Scheduler:
         preemptions = self.num_preemptions
         rows = self._decode_rows()
         budget = self.max_num_batched_tokens - len(rows)
-        cap = self._mixed_prefill_cap() if rows else None
+        cap = self._mixed_prefill_cap(len(rows)) if rows else None
         if cap:
             budget = min(budget, cap)
         chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
@@ -103,16 +103,15 @@ class Scheduler:
         return ScheduledBatch(False, rows + chunks.seqs, [1] * len(rows) + chunks.num_new_tokens,
                               len(rows))
 
-    def _mixed_prefill_cap(self) -> int | None:
+    def _mixed_prefill_cap(self, num_decode_rows: int) -> int | None:
         if self.mixed_prefill_tokens or self.step_budget is None:
             return self.mixed_prefill_tokens
-        return self.step_budget.prompt_tokens()
+        return self.step_budget.prompt_tokens(num_decode_rows)
 
     def observe(self, batch: ScheduledBatch, seconds: float):
         """`batch` ran in `seconds` (the engine reports steps that did not compile)."""
         if self.step_budget is not None:
-            self.step_budget.observe(batch.num_decode_rows,
-                                     batch.num_tokens - batch.num_decode_rows, seconds)
+            self.step_budget.observe(batch.num_tokens, seconds)
 
     def _prefill_batch(self, budget: int, admit: bool) -> ScheduledBatch | None:
         """Prompt chunks: running prompts first, then waiting sequences (when `admit`)."""

@@ -16,6 +16,8 @@ from vllm_jax.config import EngineConfig
 from vllm_jax.server.tool_parsers import PARSERS
 from vllm_jax.server.options import ServerOptions, add_server_limit_args, server_options
 
+log = logging.getLogger("vllm_jax")
+
 __all__ = ["ServerOptions", "add_server_args", "build_app", "build_parser", "main", "serve",
            "served_model_names", "server_options"]
 
@@ -38,6 +40,9 @@ def add_server_args(p: argparse.ArgumentParser):
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: tool_choice 'auto' is on whenever a "
                         "tool-call format is known")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before serving, so no request waits for a "
+                        "compile (minutes the first time; the compilation cache keeps them)")
     add_server_limit_args(p)
 
 
@@ -61,7 +66,7 @@ def served_model_names(config: EngineConfig, served_model_name: str | None = Non
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, log_interval: float = 5.0,
-          options: ServerOptions = ServerOptions()) -> int:
+          options: ServerOptions = ServerOptions(), warmup: bool = False) -> int:
     """Start uvicorn at once (/health answers 503) and load the model in the engine thread."""
     import uvicorn
 
@@ -76,6 +81,8 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     def load():
         from vllm_jax.engine.llm_engine import LLMEngine  # imports JAX: off the startup path
         engine = LLMEngine(engine_config)
+        if warmup:  # a first-use compile stalls every running stream for seconds
+            log.info("warm-up: compiled %d step shapes", engine.warmup())
         # The million objects of JAX and the model stay for good: out of the garbage collector's
         # full passes, which hold the GIL (~0.4 s each under load, then ~0.05 s).
         gc.freeze()
@@ -103,6 +110,6 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return serve(engine_config(args), args.host, args.port, args.served_model_name,
-                     args.log_interval, server_options(args))
+                     args.log_interval, server_options(args), args.warmup)
     except KeyboardInterrupt:
         return 130
