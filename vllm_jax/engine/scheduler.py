@@ -94,7 +94,8 @@ class Scheduler:
         preemptions = self.num_preemptions
         rows = self._decode_rows()
         budget = self.max_num_batched_tokens - len(rows)
-        cap = self._mixed_prefill_cap(len(rows)) if rows else None
+        prompts = self.waiting or any(s.is_prefill for s in self.running)
+        cap = self._mixed_prefill_cap(len(rows)) if rows and prompts else None
         if cap:
             budget = min(budget, cap)
         chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
