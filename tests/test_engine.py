@@ -168,6 +168,20 @@ def test_unknown_warmup_is_a_config_error(llama):
         make_engine(llama, warmup="eager")
 
 
+def test_the_step_budget_learns_only_from_steps_that_did_not_compile(llama):
+    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64)
+    for p in prompts(4, seed=21):
+        engine.add_request(p, GREEDY)
+    quiet = 0
+    while engine.has_unfinished_requests():
+        compiled = engine.num_compiles
+        engine.step()
+        quiet += engine.num_compiles == compiled
+    steps = engine.scheduler.step_budget.steps
+    assert 0 < len(steps) == min(quiet, steps.maxlen)
+    assert all(seconds > 0 for _, seconds in steps)
+
+
 def test_stop_strings_max_tokens_and_eos(llama):
     engine = make_engine(llama)
     p = prompts(1, seed=9)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.scheduler import Scheduler
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.engine.step_cost import MixedStepBudget
 from vllm_jax.sampling_params import SamplingParams
 
 PAGE = 4
@@ -98,3 +99,60 @@ def test_out_of_pages_a_decode_row_preempts_the_newest_and_admits_nobody():
     batch = sched.schedule()
     assert sched.num_preemptions == 1 and new in sched.waiting
     assert batch.decode and batch.seqs == [old]
+
+
+
+def measured_budget(slowdown=2.0, min_tokens=4, fixed=0.05, per_token=0.01):
+    """A budget that has seen steps of 2 to 24 tokens costing `fixed + per_token * tokens`."""
+    budget = MixedStepBudget(slowdown, min_tokens=min_tokens)
+    for tokens in range(2, 26, 2):
+        budget.observe(tokens, fixed + per_token * tokens)
+    return budget
+
+
+def test_measured_costs_cap_prompt_tokens_to_the_allowed_slowdown():
+    assert MixedStepBudget(2.0).prompt_tokens(3) is None  # nothing measured: no limit
+    # 3 rows take 0.05 + 0.03 s; 2x that allows 0.08 s more: 8 prompt tokens
+    assert measured_budget(slowdown=2.0).prompt_tokens(3) == 8
+    assert measured_budget(slowdown=1.5).prompt_tokens(3) == 4
+    assert measured_budget(slowdown=2.0).prompt_tokens(13) == 18  # more rows, more room
+    # a device whose steps cost mostly their fixed part: a large budget
+    assert measured_budget(fixed=1.0, per_token=0.001).prompt_tokens(3) >= 1000
+
+
+def test_steps_all_of_one_size_do_not_yet_fit_a_cost():
+    budget = MixedStepBudget(2.0)
+    for _ in range(20):
+        budget.observe(32, 0.1)
+    assert budget.cost() is None and budget.prompt_tokens(32) is None
+
+
+def test_the_step_budget_caps_mixed_steps_and_prompts_still_finish():
+    budget = measured_budget(slowdown=1.5, min_tokens=2)
+    sched = make_scheduler(budget=32, step_budget=budget)
+    running = decoding(sched, 3, 2)
+    long = request(40, first=100)
+    sched.add(long)
+    while long.num_output_tokens == 0:
+        allowed = budget.prompt_tokens(2)
+        batch = sched.schedule()
+        assert batch.seqs[:2] == running
+        assert batch.num_tokens - batch.num_decode_rows <= allowed
+        sched.observe(batch, 0.05 + 0.01 * batch.num_tokens)  # what the costs predict
+        run(batch)
+
+
+def test_a_slow_prompt_token_still_gets_the_minimum_into_each_mixed_step():
+    sched = make_scheduler(budget=32, step_budget=measured_budget(
+        slowdown=1.5, min_tokens=4, fixed=0.0, per_token=10.0))
+    decoding(sched, 3)
+    sched.add(request(40, first=100))
+    assert sched.schedule().num_new_tokens == [1, 4]
+
+
+def test_a_fixed_mixed_prefill_tokens_overrides_the_step_budget():
+    sched = make_scheduler(budget=32, mixed_prefill_tokens=12,
+                           step_budget=measured_budget(slowdown=1.5, min_tokens=4))
+    decoding(sched, 3)
+    sched.add(request(40, first=100))
+    assert sched.schedule().num_new_tokens == [1, 12]

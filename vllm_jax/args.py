@@ -119,6 +119,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="dispatch each step before the previous one's tokens are read back, so "
                         "the host's scheduling, detokenizing and stop checks overlap the "
                         "device's work (default: on)")
+    p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
+                   help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
+                        "capped so that a step takes at most X pure decode steps' time, as "
+                        "measured while serving (default 2)")
     p.set_defaults(**defaults)
 
 
@@ -171,4 +175,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         mixed_steps=not args.no_mixed_steps,
         mixed_prefill_tokens=args.mixed_prefill_tokens,
         speculative_config=getattr(args, "speculative_config", None),
-        async_scheduling=args.async_scheduling), **overrides})
+        async_scheduling=args.async_scheduling,
+        mixed_step_slowdown=args.mixed_step_slowdown), **overrides})

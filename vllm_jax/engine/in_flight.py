@@ -20,13 +20,16 @@ class InFlight:
     out: dict  # the step's device arrays ("tokens" [max rows], logprobs, prompt logprobs)
     starts: list[int]  # each row's num_computed_tokens before the step
     sampled: list[bool]  # each row's step sampled a token (it reached the sequence's end)
+    dispatched_at: float  # time.perf_counter() when the step was handed to the runner
+    compiled: bool  # its dispatch compiled a new step shape
 
     @property
     def prev_tokens(self):
         return self.out["tokens"]
 
 
-def dispatched(batch: ScheduledBatch, out: dict, block_manager: BlockManager) -> InFlight:
+def dispatched(batch: ScheduledBatch, out: dict, block_manager: BlockManager,
+               dispatched_at: float, compiled: bool = False) -> InFlight:
     starts, sampled = [], []
     for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
         starts.append(seq.num_computed_tokens)
@@ -35,4 +38,4 @@ def dispatched(batch: ScheduledBatch, out: dict, block_manager: BlockManager) ->
         sampled.append(seq.num_computed_tokens >= seq.num_tokens)
         if sampled[-1]:
             seq.add_placeholder(row)
-    return InFlight(batch, out, starts, sampled)
+    return InFlight(batch, out, starts, sampled, dispatched_at, compiled)

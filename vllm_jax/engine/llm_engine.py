@@ -29,6 +29,7 @@ from vllm_jax.engine.outputs import CompletionOutput, RequestOutput, logprob_ent
 from vllm_jax.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_jax.engine.sequence import Sequence
 from vllm_jax.engine.speculative import make_speculator
+from vllm_jax.engine.step_cost import MixedStepBudget
 from vllm_jax.engine.structured import StructuredOutputManager
 from vllm_jax.loader import load, to_dtype
 from vllm_jax.loader.default_model import cache_dir, resolve_model_path
@@ -110,7 +111,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, ps, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_tokens,
                                    max_prefill_seqs, mixed=config.mixed_steps,
-                                   mixed_prefill_tokens=config.mixed_prefill_tokens)
+                                   mixed_prefill_tokens=config.mixed_prefill_tokens,
+                                   step_budget=MixedStepBudget(config.mixed_step_slowdown)
+                                   if config.mixed_step_slowdown else None)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.speculator = (make_speculator(self, config.speculative_config)
                            if config.speculative_config else None)
@@ -120,6 +123,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self._next_id = 0
         self.in_flight: InFlight | None = None  # the step dispatched and not read yet
+        self._last_read = 0.0  # when the last step read back had finished
         if config.warmup != "none":
             n = self.warmup(prefill=config.warmup == "all")
             log.info("warm-up compiled %d step buckets (%s)", n, config.warmup)
@@ -256,12 +260,14 @@ class LLMEngine:
                 return self._recover(batch, error)
             if outputs is not None:
                 return outputs
+        compiles, started = self.runner.num_compiles, time.perf_counter()
         try:
             out = self.runner.run(batch, self._bitmask(batch), earlier and earlier.prev_tokens)
         except Exception as error:  # a bug, or a request that slipped past validation
             return self._recover(batch, error)
         self.num_prompt_tokens += sum(batch.num_new_tokens[batch.num_decode_rows:])
-        self.in_flight = dispatched(batch, out, self.block_manager)
+        self.in_flight = dispatched(batch, out, self.block_manager, started,
+                                    compiled=self.runner.num_compiles != compiles)
         outputs = self._read(earlier) if earlier else []  # a failure there clears in_flight
         if self.in_flight is not None and not self._may_overlap(batch):
             current, self.in_flight = self.in_flight, None
@@ -274,12 +280,22 @@ class LLMEngine:
                 and not self.scheduler.suspects) and not any(
             seq.matcher is not None or seq.params.uses_penalties for seq in batch.seqs)
 
+    def _timed(self, step: InFlight):
+        """Tell the scheduler how long `step` held the device: from its dispatch, or from the
+        end of the step before it, to now (steps run one after another). A compile says nothing
+        of a step's cost."""
+        done = time.perf_counter()
+        if not step.compiled:
+            self.scheduler.observe(step.batch, done - max(step.dispatched_at, self._last_read))
+        self._last_read = done
+
     def _read(self, step: InFlight) -> list[RequestOutput]:
         """Read a dispatched step back: fill its placeholders, stop-check, detokenize."""
         try:
             out = jax.device_get(step.out)
         except Exception as error:  # the step failed on the device
             return self._recover(step.batch, error)
+        self._timed(step)
         batch, touched, now = step.batch, {}, time.monotonic()
         for row, seq, offset in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
             if seq.is_finished:

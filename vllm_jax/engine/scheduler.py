@@ -3,8 +3,8 @@
 Mixed steps (the default, as vLLM V1 schedules): every running sequence past its prompt gets a
 decode row (one token), then prompt chunks of up to `max_prefill_seqs` sequences fill the rest of
 `max_num_batched_tokens` (long prompts split across steps; at most `mixed_prefill_tokens` beside
-decode rows, when set), so running streams never wait while prompts prefill. A step with no
-prompt chunk is a pure decode step. With `mixed=False` a step is either prompt chunks (they go
+decode rows, when set; else as many as `step_budget` allows: engine/step_cost.py), so running
+streams never wait while prompts prefill. A step with no prompt chunk is a pure decode step. With `mixed=False` a step is either prompt chunks (they go
 first) or decode rows, never both.
 
 When a decode row finds no free page, the most recently admitted sequences are preempted: their
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.sequence import Sequence, SequenceStatus
+from vllm_jax.engine.step_cost import MixedStepBudget
 
 
 @dataclass(slots=True)
@@ -38,13 +39,15 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True,
-                 mixed_prefill_tokens: int | None = None):
+                 mixed_prefill_tokens: int | None = None,
+                 step_budget: MixedStepBudget | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.mixed = mixed
         self.mixed_prefill_tokens = mixed_prefill_tokens
+        self.step_budget = step_budget
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspects: deque[Sequence] = deque()  # to run alone before anything else
@@ -91,13 +94,25 @@ class Scheduler:
         preemptions = self.num_preemptions
         rows = self._decode_rows()
         budget = self.max_num_batched_tokens - len(rows)
-        if rows and self.mixed_prefill_tokens:
-            budget = min(budget, self.mixed_prefill_tokens)
+        prompts = self.waiting or any(s.is_prefill for s in self.running)
+        cap = self._mixed_prefill_cap(len(rows)) if rows and prompts else None
+        if cap:
+            budget = min(budget, cap)
         chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
         if chunks is None:
             return _decode_step(rows)
         return ScheduledBatch(False, rows + chunks.seqs, [1] * len(rows) + chunks.num_new_tokens,
                               len(rows))
+
+    def _mixed_prefill_cap(self, num_decode_rows: int) -> int | None:
+        if self.mixed_prefill_tokens or self.step_budget is None:
+            return self.mixed_prefill_tokens
+        return self.step_budget.prompt_tokens(num_decode_rows)
+
+    def observe(self, batch: ScheduledBatch, seconds: float):
+        """`batch` ran in `seconds` (the engine reports steps that did not compile)."""
+        if self.step_budget is not None:
+            self.step_budget.observe(batch.num_tokens, seconds)
 
     def _prefill_batch(self, budget: int, admit: bool) -> ScheduledBatch | None:
         """Prompt chunks: running prompts first, then waiting sequences (when `admit`)."""

@@ -16,6 +16,8 @@ from vllm_jax.config import EngineConfig
 from vllm_jax.server.tool_parsers import PARSERS
 from vllm_jax.server.options import ServerOptions, add_server_limit_args, server_options
 
+log = logging.getLogger("vllm_jax")
+
 __all__ = ["ServerOptions", "add_server_args", "build_app", "build_parser", "main", "serve",
            "served_model_names", "server_options"]
 
@@ -75,7 +77,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
 
     def load():
         from vllm_jax.engine.llm_engine import LLMEngine  # imports JAX: off the startup path
-        engine = LLMEngine(engine_config)
+        engine = LLMEngine(engine_config)  # with --warmup, compiles before /health is ready
         # The million objects of JAX and the model stay for good: out of the garbage collector's
         # full passes, which hold the GIL (~0.4 s each under load, then ~0.05 s).
         gc.freeze()

@@ -1,0 +1,47 @@
+"""How many prompt tokens a mixed step may carry so that the running streams' next token comes
+within `slowdown` times what a pure decode step of the same rows takes.
+
+A step's time grows with its tokens (on a 2-core CPU 370 prompt tokens beside 32 decode rows
+took 10x the decode step, and every running stream waited that long). The cost is measured, not
+configured: a straight line `seconds = fixed + per_token * tokens` fitted to the recent steps
+the engine reports. From it, R decode rows may take P prompt tokens while
+`fixed + per_token * (R + P) <= slowdown * (fixed + per_token * R)`, i.e.
+`P <= (slowdown - 1) * (R + fixed / per_token)`: a device whose steps cost mostly their fixed
+part (a GPU) gets a large budget, a CPU whose steps cost their tokens a small one. Until the
+fit exists there is no limit; the limit never falls below `min_tokens`, so prompts progress.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class MixedStepBudget:
+    def __init__(self, slowdown: float, min_tokens: int = 16, window: int = 64):
+        self.slowdown = slowdown
+        self.min_tokens = min_tokens
+        self.steps: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
+
+    def observe(self, num_tokens: int, seconds: float):
+        """A step of `num_tokens` ran (without compiling) in `seconds`."""
+        self.steps.append((num_tokens, seconds))
+
+    def cost(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token) of a step; None until the steps seen differ."""
+        tokens, seconds = np.array(self.steps, float).reshape(-1, 2).T
+        if len(tokens) < 8 or np.ptp(tokens) == 0:
+            return None
+        per_token, fixed = np.polyfit(tokens, seconds, 1)
+        return max(fixed, 0.0), per_token
+
+    def prompt_tokens(self, num_decode_rows: int) -> int | None:
+        """The most prompt tokens beside `num_decode_rows`; None while unmeasured (no limit)."""
+        cost = self.cost()
+        if cost is None:
+            return None
+        fixed, per_token = cost
+        if per_token <= 0:  # the tokens cost nothing measurable
+            return None
+        allowed = (self.slowdown - 1) * (num_decode_rows + fixed / per_token)
+        return max(self.min_tokens, int(allowed))
