@@ -35,6 +35,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | xla | cpu | pallas: attention and quantized matmuls
     attention_backend: str | None = None  # paged attention's; None = kernel_backend
     matmul_backend: str | None = None  # the matmuls' (packed and dense); None = kernel_backend
+    cpu_activations: str = "int8"  # int8 | f32: the C++ quantized matmul's activations
     pooling: str = "last"  # embeddings: last | mean of the final hidden states (vLLM: LAST)
     # GGUF weights: None = packed where a fused kernel multiplies them (Pallas on GPUs, the C++
     # kernel on the CPU), unpacked to dtype at load where only XLA's path runs (it cannot fuse
@@ -45,4 +46,4 @@ class EngineConfig:
     def backends(self) -> Backends:
         """Each kernel family's backend: its own switch, else kernel_backend."""
         return Backends(self.attention_backend or self.kernel_backend,
-                        self.matmul_backend or self.kernel_backend)
+                        self.matmul_backend or self.kernel_backend, self.cpu_activations)

@@ -55,16 +55,19 @@ inline i32x8 dot(i32x8 acc, u8x32 w, i8x32 x) {
 struct QuantX {  // x [tokens, cols] quantized per 32: tokens past the real ones are all zero
   int64_t tokens = 0, cols = 0, nj = 0;
   std::vector<int8_t> q;       // [tokens, cols]
-  std::vector<float> d, s16;   // [tokens, nj]: the scale; [tokens, 2 nj]: d * sum(q) over 16
+  std::vector<float> d, s16, s32;  // [tokens, nj] the scales, d * sum(q) over 16 and 32
+  std::vector<float> d8;           // [tokens, nj, 8]: each scale 8 times (a vector's lanes)
 
   void resize(int64_t t, int64_t c) {
     tokens = t, cols = c, nj = c / 32;
     q.assign(t * c, 0), d.assign(t * nj, 0.f), s16.assign(2 * t * nj, 0.f);
+    s32.assign(t * nj, 0.f), d8.assign(8 * t * nj, 0.f);
   }
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
   float dx(int64_t t, int64_t j) const { return d[t * nj + j]; }
+  const float* dx8(int64_t t, int64_t j) const { return d8.data() + 8 * (t * nj + j); }
   float sum16(int64_t t, int64_t h) const { return s16[t * 2 * nj + h]; }
-  float sum32(int64_t t, int64_t j) const { return sum16(t, 2 * j) + sum16(t, 2 * j + 1); }
+  float sum32(int64_t t, int64_t j) const { return s32[t * nj + j]; }
 };
 
 // 32 floats -> q, and returns d; s[0], s[1]: the integer sums of q over each 16
@@ -101,9 +104,11 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       int32_t s[2];
       const float d = quantize_block(x + t * qx->cols + 32 * j,
                                      qx->q.data() + t * qx->cols + 32 * j, s);
-      qx->d[t * qx->nj + j] = d;
-      qx->s16[t * 2 * qx->nj + 2 * j] = d * float(s[0]);
-      qx->s16[t * 2 * qx->nj + 2 * j + 1] = d * float(s[1]);
+      const int64_t i = t * qx->nj + j;
+      qx->d[i] = d;
+      qx->s16[2 * i] = d * float(s[0]), qx->s16[2 * i + 1] = d * float(s[1]);
+      qx->s32[i] = d * float(s[0] + s[1]);
+      store(qx->d8.data() + 8 * i, splat(d));
     }
 }
 
@@ -243,40 +248,53 @@ struct Problem {
   Fields f;
   const QuantX* x;
   float* y;  // [tokens, rows]
-  int64_t tokens, rows, nb;  // nb: weight blocks a row
+  int64_t tokens, rows, nb, nj;  // nb: weight blocks a row, nj: 32-blocks
 };
 
 // -- few tokens: a row at a time ---------------------------------------------------------------
 
-template <typename D, int TT>
+// the scale of each lane of a block's 8: a, or (kHalves) lanes 0-3 a, 4-7 b
+template <bool kHalves>
+inline f8 lane_scales(const Scales& sc) {
+  return kHalves ? f8{sc.s[0], sc.s[0], sc.s[0], sc.s[0], sc.s[1], sc.s[1], sc.s[1], sc.s[1]}
+                 : splat(sc.s[0]);
+}
+
+// R rows from n times TT tokens, the rows' blocks in turn: R independent sums a token hide the
+// latency of each, and the per-row work after the blocks (the horizontal sums) is shared
+template <typename D, int TT, int R>
 inline void row_dots(const Problem& p, int64_t n) {
-  const D row(p.f, n);
-  f8 acc[TT] = {};
-  float off[TT] = {};
+  alignas(D) unsigned char mem[R * sizeof(D)];
+  D* rows = reinterpret_cast<D*>(mem);
+  for (int r = 0; r < R; ++r) new (rows + r) D(p.f, n + r);
+  f8 acc[R][TT] = {};
+  float off[R][TT] = {};
   for (int64_t b = 0; b < p.nb; ++b)
-    row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
-      const f8 s = D::kHalves ? f8{sc.s[0], sc.s[0], sc.s[0], sc.s[0], sc.s[1], sc.s[1], sc.s[1],
-                                   sc.s[1]}
-                              : splat(sc.s[0]);
 #pragma GCC unroll 4
-      for (int t = 0; t < TT; ++t) {
-        const i32x8 qd = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
-        acc[t] += to_f8(qd) * (s * p.x->dx(t, j));
-        off[t] += D::kHalves ? sc.c[0] * p.x->sum16(t, 2 * j) + sc.c[1] * p.x->sum16(t, 2 * j + 1)
-                             : sc.c[0] * p.x->sum32(t, j);
-      }
-    });
-  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = hsum(acc[t]) + off[t];
+    for (int r = 0; r < R; ++r)
+      rows[r].block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
+        const f8 s = lane_scales<D::kHalves>(sc);
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) {
+          const i32x8 qd = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
+          acc[r][t] += to_f8(qd) * (s * load<f8>(p.x->dx8(t, j)));
+          off[r][t] += D::kHalves ? sc.c[0] * p.x->sum16(t, 2 * j) +
+                                        sc.c[1] * p.x->sum16(t, 2 * j + 1)
+                                  : sc.c[0] * p.x->sum32(t, j);
+        }
+      });
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) p.y[t * p.rows + n + r] = hsum(acc[r][t]) + off[r][t];
 }
 
 constexpr int64_t kFewTokens = 2;
 
-template <typename D>
+template <typename D, int TT>
 void few_rows(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
-    p.tokens == 1 ? row_dots<D, 1>(p, n) : row_dots<D, 2>(p, n);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) row_dots<D, TT, 4>(p, n);
+  for (; n < n1; ++n) row_dots<D, TT, 1>(p, n);
 }
-static_assert(kFewTokens == 2, "few_rows takes 1..2 tokens");
 
 // -- many tokens: panels of kRows rows times kTileTokens tokens ---------------------------------
 
@@ -385,7 +403,7 @@ ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBu
   const bool ok = dispatch(t, [](auto) {}) && cols % block_elems(t) == 0 &&
                   read_fields(args, 0, 2, &whole.f, &experts, &whole.rows);
   if (!ok) return ffi::Error::InvalidArgument("vllm_jax_q8dot: bad type or weight fields");
-  whole.nb = cols / block_elems(t);
+  whole.nb = cols / block_elems(t), whole.nj = cols / 32;
   thread_local QuantX qx;
   for (int64_t s0 = 0; s0 < tokens; s0 += kSliceTokens) {
     Problem p = whole;
@@ -399,8 +417,10 @@ ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBu
     parallel_for(p.tokens, 8, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
     dispatch(t, [&](auto* tag) {
       using D = std::remove_pointer_t<decltype(tag)>;
+      static_assert(kFewTokens == 2, "few_rows takes 1 or 2 tokens");
       parallel_for(p.rows, kRows, [&p, few](int64_t n0, int64_t n1) {
-        few ? few_rows<D>(p, n0, n1) : many_rows<D>(p, n0, n1);
+        if (!few) return many_rows<D>(p, n0, n1);
+        p.tokens == 1 ? few_rows<D, 1>(p, n0, n1) : few_rows<D, 2>(p, n0, n1);
       });
     });
   }
