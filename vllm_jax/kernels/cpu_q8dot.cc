@@ -52,7 +52,7 @@ inline i32x8 dot(i32x8 acc, u8x32 w, i8x32 x) {
 
 // -- the activations ---------------------------------------------------------------------------
 
-struct QuantX {  // x [tokens, cols] quantized per 32: tokens past the real ones are all zero
+struct QuantX {  // x [tokens, cols] quantized per 32
   int64_t tokens = 0, cols = 0, nj = 0;
   std::vector<int8_t> q;       // [tokens, cols]
   std::vector<float> d, s16, s32;  // [tokens, nj] the scales, d * sum(q) over 16 and 32
@@ -287,7 +287,7 @@ inline void row_dots(const Problem& p, int64_t n) {
     for (int t = 0; t < TT; ++t) p.y[t * p.rows + n + r] = hsum(acc[r][t]) + off[r][t];
 }
 
-constexpr int64_t kFewTokens = 2;
+constexpr int64_t kFewTokens = 2;  // measured: 3 or 4 tokens are faster in the tiles
 
 template <typename D, int TT>
 void few_rows(const Problem& p, int64_t n0, int64_t n1) {
@@ -333,10 +333,9 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
   }
 }
 
-template <typename D>
+template <typename D, int NT>
 inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
                  int64_t t0) {
-  constexpr int NT = kTileTokens;
   f8 acc[NT][2] = {};
   for (int64_t j = 0; j < nj; ++j) {
     const PanelBlock& pb = panel[j];
@@ -379,6 +378,21 @@ inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t 
       store_first(p.y + (t0 + t) * p.rows + n + 8 * v, acc[t][v], std::min(8, nrows - 8 * v));
 }
 
+// the last p.tokens - t0 (< kTileTokens) tokens
+template <typename D>
+inline void tail_tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
+                      int64_t t0) {
+  switch (p.tokens - t0) {
+    case 0: return;
+    case 1: return tile<D, 1>(p, panel, nj, n, nrows, t0);
+    case 2: return tile<D, 2>(p, panel, nj, n, nrows, t0);
+    case 3: return tile<D, 3>(p, panel, nj, n, nrows, t0);
+    case 4: return tile<D, 4>(p, panel, nj, n, nrows, t0);
+    default: return tile<D, 5>(p, panel, nj, n, nrows, t0);
+  }
+}
+static_assert(kTileTokens <= 6, "tail_tile takes up to 5 tokens");
+
 template <typename D>
 void many_rows(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t nj = p.nb * D::kBlock / 32;
@@ -387,8 +401,10 @@ void many_rows(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += kRows) {
     const int nrows = int(std::min<int64_t>(kRows, n1 - n));
     build_panel<D>(p, n, nrows, panel.data());
-    for (int64_t t0 = 0; t0 < p.tokens; t0 += kTileTokens)
-      tile<D>(p, panel.data(), nj, n, nrows, t0);
+    int64_t t0 = 0;
+    for (; t0 + kTileTokens <= p.tokens; t0 += kTileTokens)
+      tile<D, kTileTokens>(p, panel.data(), nj, n, nrows, t0);
+    tail_tile<D>(p, panel.data(), nj, n, nrows, t0);
   }
 }
 
@@ -412,7 +428,7 @@ ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBu
     p.x = &qx;
     const float* xs = x.typed_data() + s0 * cols;
     const bool few = p.tokens <= kFewTokens;
-    qx.resize(few ? p.tokens : (p.tokens + kTileTokens - 1) / kTileTokens * kTileTokens, cols);
+    qx.resize(p.tokens, cols);
     QuantX* q = &qx;
     parallel_for(p.tokens, 8, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
     dispatch(t, [&](auto* tag) {
