@@ -52,22 +52,34 @@ inline i32x8 dot(i32x8 acc, u8x32 w, i8x32 x) {
 
 // -- the activations ---------------------------------------------------------------------------
 
-struct QuantX {  // x [tokens, cols] quantized per 32
-  int64_t tokens = 0, cols = 0, nj = 0;
-  std::vector<int8_t> q;       // [tokens, cols]
-  std::vector<float> d, s16, s32;  // [tokens, nj] the scales, d * sum(q) over 16 and 32
-  std::vector<float> d8;           // [tokens, nj, 8]: each scale 8 times (a vector's lanes)
+#if defined(VLLM_JAX_AVX512)
+constexpr int kTileTokens = 6;  // many tokens: 24 of the 32 vector registers accumulate
+#else
+constexpr int kTileTokens = 2;
+#endif
 
-  void resize(int64_t t, int64_t c) {
-    tokens = t, cols = c, nj = c / 32;
-    q.assign(t * c, 0), d.assign(t * nj, 0.f), s16.assign(2 * t * nj, 0.f);
-    s32.assign(t * nj, 0.f), d8.assign(8 * t * nj, 0.f);
+// x [tokens, cols] quantized per 32, for few tokens token by token (q, d8, s16, s32), for many
+// in the tiles' order: the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left)
+// at q + t0 * cols as [32-block j][4 bytes g][n][4] (a tile reads one stream, each 4 bytes its
+// broadcast), and their scales and sums at s + 4 * t0 * nj as [j][d, s32, s16 x 2][n]
+struct QuantX {
+  int64_t tokens = 0, cols = 0, nj = 0;
+  bool tiles = false;
+  std::vector<int8_t> q;
+  std::vector<float> s, d8, s16, s32;  // s: the tiles'; d8: each scale 8 times (a vector's lanes)
+
+  void resize(int64_t t, int64_t c, bool tiled) {
+    tokens = t, cols = c, nj = c / 32, tiles = tiled;
+    q.resize(t * c);
+    if (tiles) return s.resize(4 * t * nj);
+    d8.resize(8 * t * nj), s16.resize(2 * t * nj), s32.resize(t * nj);
   }
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
-  float dx(int64_t t, int64_t j) const { return d[t * nj + j]; }
   const float* dx8(int64_t t, int64_t j) const { return d8.data() + 8 * (t * nj + j); }
   float sum16(int64_t t, int64_t h) const { return s16[t * 2 * nj + h]; }
   float sum32(int64_t t, int64_t j) const { return s32[t * nj + j]; }
+  const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
+  const float* tile_s(int64_t t0) const { return s.data() + 4 * t0 * nj; }
 };
 
 // 32 floats -> q, and returns d; s[0], s[1]: the integer sums of q over each 16
@@ -99,16 +111,26 @@ inline float quantize_block(const float* x, int8_t* q, int32_t* s) {
 }
 
 void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
+  const int64_t nj = qx->nj, cols = qx->cols;
   for (int64_t t = t0; t < t1; ++t)
-    for (int64_t j = 0; j < qx->nj; ++j) {
+    for (int64_t j = 0; j < nj; ++j) {
+      alignas(32) int8_t q[32];
       int32_t s[2];
-      const float d = quantize_block(x + t * qx->cols + 32 * j,
-                                     qx->q.data() + t * qx->cols + 32 * j, s);
-      const int64_t i = t * qx->nj + j;
-      qx->d[i] = d;
-      qx->s16[2 * i] = d * float(s[0]), qx->s16[2 * i + 1] = d * float(s[1]);
-      qx->s32[i] = d * float(s[0] + s[1]);
-      store(qx->d8.data() + 8 * i, splat(d));
+      const float d = quantize_block(x + t * cols + 32 * j, q, s);
+      const float sums[3] = {d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      if (!qx->tiles) {
+        std::memcpy(qx->q.data() + t * cols + 32 * j, q, 32);
+        const int64_t i = t * nj + j;
+        qx->s32[i] = sums[0], qx->s16[2 * i] = sums[1], qx->s16[2 * i + 1] = sums[2];
+        store(qx->d8.data() + 8 * i, splat(d));
+        continue;
+      }
+      const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
+      const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
+      for (int g = 0; g < 8; ++g)
+        std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
+      float* st = qx->s.data() + 4 * (first * nj + j * n) + i;
+      st[0] = d, st[n] = sums[0], st[2 * n] = sums[1], st[3 * n] = sums[2];
     }
 }
 
@@ -299,11 +321,6 @@ void few_rows(const Problem& p, int64_t n0, int64_t n1) {
 // -- many tokens: panels of kRows rows times kTileTokens tokens ---------------------------------
 
 constexpr int kRows = 16;  // two vectors of 8 rows
-#if defined(VLLM_JAX_AVX512)
-constexpr int kTileTokens = 6;  // 24 of the 32 vector registers accumulate
-#else
-constexpr int kTileTokens = 2;
-#endif
 
 struct PanelBlock {  // one 32-block of kRows rows
   u8x32 u[8][2];     // [group g][rows 8h..8h+7]: bytes 4g..4g+3 of each of 8 rows
@@ -333,30 +350,29 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
   }
 }
 
+// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n
 template <typename D, int NT>
 inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
                  int64_t t0) {
   f8 acc[NT][2] = {};
-  for (int64_t j = 0; j < nj; ++j) {
+  const int8_t* xq = p.x->tile_q(t0);  // [j][g][NT][4]
+  const float* xs = p.x->tile_s(t0);   // [j][d, s32, s16 x 2][NT]
+  for (int64_t j = 0; j < nj; ++j, xs += 4 * NT) {
     const PanelBlock& pb = panel[j];
     i32x8 qd[NT][2] = {};
     auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
 #pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        const float dx = p.x->dx(t0 + t, j);
+      for (int t = 0; t < NT; ++t)
         for (int v = 0; v < 2; ++v) {
-          acc[t][v] += to_f8(qd[t][v]) * (load<f8>(pb.s[h] + 8 * v) * dx);
+          acc[t][v] += to_f8(qd[t][v]) * (load<f8>(pb.s[h] + 8 * v) * xs[t]);
           qd[t][v] = i32x8{};
         }
-      }
     };
 #pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g) {
+    for (int g = 0; g < 8; ++g, xq += 4 * NT) {
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
-        int32_t four;
-        std::memcpy(&four, p.x->qb(t0 + t, j) + 4 * g, 4);
-        const i8x32 xb = (i8x32)(i32x8{} + four);
+        const i8x32 xb = (i8x32)(i32x8{} + load<int32_t>(xq + 4 * t));
         qd[t][0] = dot<D::kMax>(qd[t][0], pb.u[g][0], xb);
         qd[t][1] = dot<D::kMax>(qd[t][1], pb.u[g][1], xb);
       }
@@ -367,13 +383,13 @@ inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t 
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < 2; ++v) {
         if constexpr (D::kHalves)
-          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * p.x->sum16(t0 + t, 2 * j) +
-                       load<f8>(pb.c[1] + 8 * v) * p.x->sum16(t0 + t, 2 * j + 1);
+          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * xs[2 * NT + t] +
+                       load<f8>(pb.c[1] + 8 * v) * xs[3 * NT + t];
         else
-          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * p.x->sum32(t0 + t, j);
+          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * xs[NT + t];
       }
   }
-  for (int t = 0; t < NT && t0 + t < p.tokens; ++t)
+  for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 2 && 8 * v < nrows; ++v)
       store_first(p.y + (t0 + t) * p.rows + n + 8 * v, acc[t][v], std::min(8, nrows - 8 * v));
 }
@@ -428,7 +444,7 @@ ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBu
     p.x = &qx;
     const float* xs = x.typed_data() + s0 * cols;
     const bool few = p.tokens <= kFewTokens;
-    qx.resize(p.tokens, cols);
+    qx.resize(p.tokens, cols, !few);
     QuantX* q = &qx;
     parallel_for(p.tokens, 8, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
     dispatch(t, [&](auto* tag) {
