@@ -2,7 +2,8 @@
 arithmetic: x quantized per 32 exactly as the kernel does, each block's integer-valued product
 with gguf-py's weights summed in float64, then scaled (equal up to the kernel's float32 sums),
 and (b) the float32 product of gguf-py's weights and x, within the bound int8 activations allow.
-Both for the build for this machine and the portable ones (AVX2; AVX-VNNI), few and many tokens."""
+Both for the build for this machine and the portable ones (AVX2; AVX-VNNI; plain loops), few and
+many tokens."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ TOKENS = (1, 2, 3, 8, 13, 16, 23)  # the row path (1, 2); tiles of 6 and a last 
 F32_RTOL = 1e-2
 # of sum |x| |w|: float32 sums of terms up to 128x the weights (Q8_0 read as q + 128)
 EMULATION_RTOL = 1e-5
-PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni"}
+PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni",
+            "no_simd_intrinsics": "-march=x86-64"}  # the loops other CPUs (ARM) compile
 
 
 def _case(qtype: str, seed: int):

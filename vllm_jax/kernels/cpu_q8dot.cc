@@ -311,11 +311,31 @@ void few_rows(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 // -- many tokens: panels of kRows rows times kTileTokens tokens ---------------------------------
+//
+// A row vector holds one int32 (4 bytes' dot) of each of kLanes rows: 16 with AVX-512 VNNI (a
+// zmm vpdpbusd, full width on cores with 512-bit units: 2x the 256-bit form's products), else 8
 
-constexpr int kRows = 16;  // two vectors of 8 rows
+#if defined(VLLM_JAX_AVX512) && defined(__AVX512VNNI__)
+constexpr int kLanes = 16;
+typedef i32x16 RowI;
+typedef f32x16 RowF;
+template <int kMax>
+inline RowI dot_rows(RowI acc, const uint8_t* w, int32_t x4) {
+  return (RowI)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(w), _mm512_set1_epi32(x4));
+}
+#else
+constexpr int kLanes = 8;
+typedef i32x8 RowI;
+typedef f8 RowF;
+template <int kMax>
+inline RowI dot_rows(RowI acc, const uint8_t* w, int32_t x4) {
+  return dot<kMax>(acc, load<u8x32>(w), (i8x32)(i32x8{} + x4));
+}
+#endif
+constexpr int kRows = 2 * kLanes;  // two row vectors
 
 struct PanelBlock {  // one 32-block of kRows rows
-  u8x32 u[8][2];     // [group g][rows 8h..8h+7]: bytes 4g..4g+3 of each of 8 rows
+  uint8_t u[8][4 * kRows];  // [group g][row][4]: bytes 4g..4g+3 of each row
   float s[2][kRows], c[2][kRows];  // [first or next 16 weights][row]
 };
 
@@ -326,18 +346,19 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
     const D row(p.f, n + std::min(r, nrows - 1));
     for (int64_t b = 0; b < p.nb; ++b)
       row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
-        store(reinterpret_cast<uint8_t*>(panel[j].u) + 32 * r, u);  // row-major until transposed
+        store(&panel[j].u[0][0] + 32 * r, u);  // row-major until transposed
         for (int h = 0; h < 2; ++h) panel[j].s[h][r] = sc.s[h], panel[j].c[h][r] = sc.c[h];
       });
   }
   const int64_t nj = p.nb * D::kBlock / 32;
   for (int64_t j = 0; j < nj; ++j) {
-    f8 r[2][8];  // row-major 8 rows of 8 dwords -> group-major
-    for (int h = 0; h < 2; ++h)
-      for (int i = 0; i < 8; ++i) r[h][i] = load<f8>(reinterpret_cast<float*>(panel[j].u) + 8 * (8 * h + i));
-    for (int h = 0; h < 2; ++h) {
-      transpose8(r[h]);
-      for (int g = 0; g < 8; ++g) store(&panel[j].u[g][h], r[h][g]);
+    alignas(64) float rows[kRows][8];  // row-major kRows rows of 8 dwords -> group-major
+    std::memcpy(rows, panel[j].u, sizeof rows);
+    for (int r0 = 0; r0 < kRows; r0 += 8) {
+      f8 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load<f8>(rows[r0 + i]);
+      transpose8(r);
+      for (int g = 0; g < 8; ++g) store(&panel[j].u[g][4 * r0], r[g]);
     }
   }
 }
@@ -346,27 +367,28 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
 template <typename D, int NT>
 inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
                  int64_t t0) {
-  f8 acc[NT][2] = {};
+  RowF acc[NT][2] = {};
   const int8_t* xq = p.x->tile_q(t0);  // [j][g][NT][4]
   const float* xs = p.x->tile_s(t0);   // [j][d, s32, s16 x 2][NT]
   for (int64_t j = 0; j < nj; ++j, xs += 4 * NT) {
     const PanelBlock& pb = panel[j];
-    i32x8 qd[NT][2] = {};
+    RowI qd[NT][2] = {};
     auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t)
         for (int v = 0; v < 2; ++v) {
-          acc[t][v] += to_f8(qd[t][v]) * (load<f8>(pb.s[h] + 8 * v) * xs[t]);
-          qd[t][v] = i32x8{};
+          const RowF s = load<RowF>(pb.s[h] + kLanes * v) * xs[t];
+          acc[t][v] += __builtin_convertvector(qd[t][v], RowF) * s;
+          qd[t][v] = RowI{};
         }
     };
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g, xq += 4 * NT) {
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
-        const i8x32 xb = (i8x32)(i32x8{} + load<int32_t>(xq + 4 * t));
-        qd[t][0] = dot<D::kMax>(qd[t][0], pb.u[g][0], xb);
-        qd[t][1] = dot<D::kMax>(qd[t][1], pb.u[g][1], xb);
+        const int32_t x4 = load<int32_t>(xq + 4 * t);
+        qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
+        qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
       }
       if (D::kHalves && g == 3) flush(0);
     }
@@ -375,15 +397,16 @@ inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t 
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < 2; ++v) {
         if constexpr (D::kHalves)
-          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * xs[2 * NT + t] +
-                       load<f8>(pb.c[1] + 8 * v) * xs[3 * NT + t];
+          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[2 * NT + t] +
+                       load<RowF>(pb.c[1] + kLanes * v) * xs[3 * NT + t];
         else
-          acc[t][v] += load<f8>(pb.c[0] + 8 * v) * xs[NT + t];
+          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[NT + t];
       }
   }
   for (int t = 0; t < NT; ++t)
-    for (int v = 0; v < 2 && 8 * v < nrows; ++v)
-      store_first(p.y + (t0 + t) * p.rows + n + 8 * v, acc[t][v], std::min(8, nrows - 8 * v));
+    for (int v = 0; v < 2 && kLanes * v < nrows; ++v)
+      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v, acc[t][v],
+                  std::min(kLanes, nrows - kLanes * v));
 }
 
 // the last p.tokens - t0 (< kTileTokens) tokens
