@@ -22,7 +22,7 @@ from vllm_jax.kernels import cpu
 from vllm_jax.kernels.quant import QTYPES, quantize, repack
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
-TOKENS = (1, 2, 3, 8, 13, 16, 23)  # the row path (1, 2); tiles of 6 and a last one of 1-5
+TOKENS = (1, 2, 3, 4, 8, 9, 13, 16, 23)  # the row path (1-4); tiles of 6 and a last one of 1-5
 # rtol of the whole output against the float32 product: the int8 rounding of x (<= 1/254 of
 # each block's max) leaves ~0.4% of |y| on random data
 F32_RTOL = 1e-2
