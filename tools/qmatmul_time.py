@@ -6,7 +6,8 @@ activations, for a few token counts: where a step's time goes, without the rest 
     VLLM_JAX_CPU_THREADS=1 python tools/qmatmul_time.py --cpu-time   # on a shared machine
 
 --cpu-time reports the process's CPU time per call instead of wall time: with one kernel thread
-it is the kernel's own time, whatever else runs on the cores. Prints a table (ms per call; a layer's calls summed; the model's decode step estimate) and
+it is the kernel's own time, whatever else runs on the cores. Prints a table (ms per call; a
+layer's calls summed; the model's decode step estimate) and
 writes JSON next to it with --json.
 """
 from __future__ import annotations

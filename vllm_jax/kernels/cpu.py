@@ -1,15 +1,16 @@
 """The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert, float32
 activations), cpu_q8dot.cc (the same matmul with activations quantized to int8 per 32 and integer
-dot products, as llama.cpp computes it), cpu_dense.cc (matmul with 16-bit weights) and cpu_attention.cc (paged attention: decode rows,
-and ragged rows of any sequence and position), XLA FFI custom calls built on first use.
+dot products, as llama.cpp computes it), cpu_dense.cc (matmul with 16-bit weights) and
+cpu_attention.cc (paged attention: decode rows, and ragged rows of any sequence and position),
+XLA FFI custom calls built on first use.
 
 The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
 FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
 jaxlib and the CPU), and registered as XLA custom calls. They are built for the machine
 (-march=native; VLLM_JAX_CPU_FLAGS replaces that, e.g. "-march=haswell" for the portable AVX2
-paths), so each picks its instructions (AVX-512 VNNI, AVX-VNNI, AVX2) when it is built. Without a compiler (or with
-VLLM_JAX_CPU_KERNELS=0) `available()` is False and callers keep to the XLA paths. Helper
-threads: one per core (VLLM_JAX_CPU_THREADS to change).
+paths), so each picks its instructions (AVX-512 VNNI, AVX-VNNI, AVX2) when it is built.
+Without a compiler (or with VLLM_JAX_CPU_KERNELS=0) `available()` is False and callers keep to
+the XLA paths. Helper threads: one per core (VLLM_JAX_CPU_THREADS to change).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_q8dot.cc", HERE / "cpu_dense.cc",
            HERE / "cpu_attention.cc"]
 HEADERS = [HERE / "cpu_common.h", HERE / "cpu_fields.h"]
-TARGETS = ("vllm_jax_qmatmul", "vllm_jax_q8dot", "vllm_jax_grouped_qmatmul", "vllm_jax_dense_matmul",
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_q8dot", "vllm_jax_grouped_qmatmul",
+           "vllm_jax_dense_matmul",
            "vllm_jax_decode_attention", "vllm_jax_ragged_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
 FIELDS = {

@@ -97,7 +97,8 @@ inline float quantize_block(const float* x, int8_t* q, int32_t* s) {
     r[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * g), _mm256_set1_ps(id)));
   s[0] = int32_t(hsum(to_f8((i32x8)r[0] + (i32x8)r[1])));
   s[1] = int32_t(hsum(to_f8((i32x8)r[2] + (i32x8)r[3])));
-  const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  const __m256i w =
+      _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
   // the packs interleave 128-bit lanes: dwords 0 4 1 5 2 6 3 7 -> 0..7
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
@@ -236,7 +237,8 @@ struct Q6K {  // d, sc (int8), ql, qh; 16 scales of 16: w = d * sc * (q - 32)
   inline void block(int64_t b, Use&& use) const {
     const float db = f16_at(d, b);
     for (int h = 0; h < 2; ++h) {  // element 128h + 32s + c: see cpu_qmatmul.cc's Q6K
-      const u8x32 a = load<u8x32>(ql + 128 * b + 64 * h), c = load<u8x32>(ql + 128 * b + 64 * h + 32);
+      const uint8_t* l = ql + 128 * b + 64 * h;
+      const u8x32 a = load<u8x32>(l), c = load<u8x32>(l + 32);
       const u8x32 hv = load<u8x32>(qh + 64 * b + 32 * h);
       const u8x32 u[4] = {(a & 15) | ((hv & 3) << 4), (c & 15) | (((hv >> 2) & 3) << 4),
                           (a >> 4) | (((hv >> 4) & 3) << 4), (c >> 4) | ((hv >> 6) << 4)};
