@@ -67,12 +67,21 @@ def _greedy_and_passage(engine, prompts, passage):
 
 @pytest.fixture(scope="module")
 def run(name, real_model, reference):
-    """One engine batch: 3 prompts decoded greedily, and the passage's prompt logprobs."""
+    """One engine batch: 3 prompts decoded greedily, and the passage's prompt logprobs; float32
+    activations, so the products are transformers' up to float32 rounding."""
     tok, _ = reference
     prompts, passage = _prompt_ids(name, tok), tok.encode(PASSAGE)
-    engine = LLMEngine(EngineConfig(model_path=str(real_model(name)), dtype="f32",
-                                    max_model_len=256, kvcache_mem_mb=16, max_num_seqs=4))
+    engine = LLMEngine(_config(real_model(name), cpu_activations="f32"))
     return engine, prompts, passage, _greedy_and_passage(engine, prompts, passage)
+
+
+def _config(path, **kw) -> EngineConfig:
+    return EngineConfig(model_path=str(path), dtype="f32", max_model_len=256, kvcache_mem_mb=16,
+                        max_num_seqs=4, **kw)
+
+
+def _perplexity(ours: list[float]) -> float:
+    return math.exp(-np.mean(ours))
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +134,29 @@ def test_greedy_matches_transformers(run, ref_logits):
         assert ours[:n] == steps.argmax(-1)[:n].tolist()
 
 
+def _passage_perplexities(out, ids, ref_logits) -> tuple[float, float]:
+    """(ours, transformers') perplexity of the passage from its prompt logprobs."""
+    ours = [out.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
+    lp = torch.log_softmax(torch.from_numpy(ref_logits[-1]), -1).numpy()
+    return _perplexity(ours), _perplexity([lp[p - 1, ids[p]] for p in range(1, len(ids))])
+
+
 def test_prompt_perplexity_matches_transformers(run, ref_logits):
     _, _, ids, outs = run
     assert 90 <= len(ids) <= 128
-    ours = [outs[-1].prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
-    lp = torch.log_softmax(torch.from_numpy(ref_logits[-1]), -1).numpy()
-    ref = [lp[p - 1, ids[p]] for p in range(1, len(ids))]
-    ppl_ours, ppl_ref = math.exp(-np.mean(ours)), math.exp(-np.mean(ref))
+    ppl_ours, ppl_ref = _passage_perplexities(outs[-1], ids, ref_logits)
+    assert abs(ppl_ours / ppl_ref - 1) < 0.005, (ppl_ours, ppl_ref)
+
+
+def test_int8_activations_keep_perplexity_within_half_a_percent(name, run, ref_logits,
+                                                                 real_model):
+    """The default CPU path (activations quantized to int8 per 32, integer dot products, as
+    llama.cpp) against transformers' float32 reading of the same file."""
+    engine = LLMEngine(_config(real_model(name), cpu_activations="int8"))
+    assert engine.loaded.model.layers[0].mlp.up_proj.activations == "int8"
+    _, _, ids, _ = run
+    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    ppl_ours, ppl_ref = _passage_perplexities(out[0], ids, ref_logits)
     assert abs(ppl_ours / ppl_ref - 1) < 0.005, (ppl_ours, ppl_ref)
 
 
@@ -140,8 +165,7 @@ def test_unpacked_weights_compute_the_same(name, run, real_model):
     dense dots: same tokens, and prompt logprobs equal to f32 rounding, as the packed path
     (the CPU kernel here) that the tests above pin to transformers."""
     path = real_model(name)
-    engine = LLMEngine(EngineConfig(model_path=str(path), dtype="f32", max_model_len=256,
-                                    kvcache_mem_mb=16, max_num_seqs=4, keep_quantized=False))
+    engine = LLMEngine(_config(path, keep_quantized=False))
     assert engine.loaded.model.layers[0].mlp.up_proj.qtype is None
     assert engine.loaded.weight_bytes > 3 * path.stat().st_size
     _, prompts, passage, packed = run

@@ -87,6 +87,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="paged attention's kernels (default: --kernel-backend)")
     p.add_argument("--matmul-backend", choices=choices,
                    help="the matmuls' kernels (default: --kernel-backend)")
+    p.add_argument("--cpu-activations", default="int8", choices=["int8", "f32"],
+                   help="the C++ quantized matmul's activations: int8 per 32 with integer dot "
+                        "products (default, as llama.cpp; Q4_0-Q8_0, Q4_K, Q6_K) or float32")
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed even where only XLA's path runs")
     p.add_argument("--pooling", default="last", choices=["last", "mean"],
@@ -169,7 +172,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
         process_id=args.process_id, kernel_backend=args.kernel_backend,
         attention_backend=args.attention_backend, matmul_backend=args.matmul_backend,
-        seed=args.seed, warmup=args.warmup,
+        cpu_activations=args.cpu_activations, seed=args.seed, warmup=args.warmup,
         keep_quantized=args.keep_quantized, pooling=args.pooling,
         enable_prefix_caching=not args.no_prefix_caching,
         mixed_steps=not args.no_mixed_steps,

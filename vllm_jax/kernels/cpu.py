@@ -1,12 +1,16 @@
-"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert),
-cpu_dense.cc (matmul with 16-bit weights) and cpu_attention.cc (paged attention: decode rows,
-and ragged rows of any sequence and position), XLA FFI custom calls built on first use.
+"""The CPU kernels: cpu_qmatmul.cc (GGUF-quantized matmul, plain and grouped by expert, float32
+activations), cpu_q8dot.cc (the same matmul with activations quantized to int8 per 32 and integer
+dot products, as llama.cpp computes it), cpu_dense.cc (matmul with 16-bit weights) and
+cpu_attention.cc (paged attention: decode rows, and ragged rows of any sequence and position),
+XLA FFI custom calls built on first use.
 
 The C++ sources are compiled once per machine with the system's C++ compiler against the XLA
 FFI headers that jaxlib ships, cached under ~/.cache/vllm_jax/kernels (keyed by the sources,
-jaxlib and the CPU), and registered as XLA custom calls. Without a compiler (or with
-VLLM_JAX_CPU_KERNELS=0) `available()` is False and callers keep to the XLA paths. Helper
-threads: one per core (VLLM_JAX_CPU_THREADS to change).
+jaxlib and the CPU), and registered as XLA custom calls. They are built for the machine
+(-march=native; VLLM_JAX_CPU_FLAGS replaces that, e.g. "-march=haswell" for the portable AVX2
+paths), so each picks its instructions (AVX-512 VNNI, AVX-VNNI, AVX2) when it is built.
+Without a compiler (or with VLLM_JAX_CPU_KERNELS=0) `available()` is False and callers keep to
+the XLA paths. Helper threads: one per core (VLLM_JAX_CPU_THREADS to change).
 """
 from __future__ import annotations
 
@@ -29,9 +33,11 @@ import numpy as np
 log = logging.getLogger("vllm_jax")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_dense.cc", HERE / "cpu_attention.cc"]
-HEADERS = [HERE / "cpu_common.h"]
-TARGETS = ("vllm_jax_qmatmul", "vllm_jax_grouped_qmatmul", "vllm_jax_dense_matmul",
+SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_q8dot.cc", HERE / "cpu_dense.cc",
+           HERE / "cpu_attention.cc"]
+HEADERS = [HERE / "cpu_common.h", HERE / "cpu_fields.h"]
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_q8dot", "vllm_jax_grouped_qmatmul",
+           "vllm_jax_dense_matmul",
            "vllm_jax_decode_attention", "vllm_jax_ragged_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
 FIELDS = {
@@ -41,6 +47,8 @@ FIELDS = {
     "q5_k": ("d", "dmin", "sc", "m", "qh", "qs"), "q6_k": ("d", "sc", "ql", "qh"),
 }
 QTYPE_CODE = {name: i for i, name in enumerate(FIELDS)}
+INT8_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q6_k")  # cpu_q8dot.cc's
+ACTIVATIONS = ("int8", "f32")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -58,15 +66,17 @@ def _build(cache: Path) -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise RuntimeError("no C++ compiler (g++ or clang++) on PATH")
+    flags = os.environ.get("VLLM_JAX_CPU_FLAGS", "-march=native").split()
     key = hashlib.sha256(b"\0".join([
         *(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
-        platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:16]
+        platform.machine().encode(), _cpu_id().encode(), " ".join(flags).encode()]))
+    key = key.hexdigest()[:16]
     lib = cache / f"cpu_kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    cmd = [compiler, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
            "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
     log.info("building the CPU kernels (once): %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -112,10 +122,18 @@ def _args(fields: dict, qtype: str) -> list:
     return [fields[k] for k in FIELDS[qtype]]
 
 
-def qmatmul(x2: jax.Array, fields: dict, qtype: str) -> jax.Array:
-    """x2 [T, cols] @ W.T -> float32 [T, rows] (W bit-identical to quant.dequantize's)."""
+def qmatmul(x2: jax.Array, fields: dict, qtype: str, activations: str = "f32") -> jax.Array:
+    """x2 [T, cols] @ W.T -> float32 [T, rows] (W bit-identical to quant.dequantize's).
+
+    activations "f32": float32 products of x2 and the weights; "int8" (INT8_QTYPES; the others
+    take the float32 path): x2 quantized to int8 per 32 (scale max|x| / 127, round to nearest
+    even) and integer dot products, llama.cpp's arithmetic (cpu_q8dot.cc)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations {activations!r}: choose from {', '.join(ACTIVATIONS)}")
     rows = fields["d"].shape[0]
-    call = _call("vllm_jax_qmatmul", jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
+    target = "vllm_jax_q8dot" if activations == "int8" and qtype in INT8_QTYPES else \
+        "vllm_jax_qmatmul"
+    call = _call(target, jax.ShapeDtypeStruct((x2.shape[0], rows), jnp.float32))
     return call(x2.astype(jnp.float32), *_args(fields, qtype), qtype=QTYPE_CODE[qtype])
 
 

@@ -13,29 +13,11 @@
 //   vllm_jax_qmatmul          x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
 //   vllm_jax_grouped_qmatmul  x f32 [T, cols] (rows sorted by expert), group_sizes i32 [E],
 //                             fields... [E, rows, ...] -> y f32 [T, rows] (0 past the groups)
-#include "cpu_common.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_fields.h"
 
 namespace {
 
 using namespace vllm_jax;
-
-enum QType : int64_t { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K };
-constexpr int64_t kMaxFields = 6;
-
-struct Fields {  // row n of field i starts at base[i] + n * stride[i] (bytes)
-  const uint8_t* base[kMaxFields];
-  int64_t stride[kMaxFields];
-  const uint8_t* row(int i, int64_t n) const { return base[i] + n * stride[i]; }
-};
-
-float f16_at(const uint8_t* p, int64_t i) {
-  uint16_t h;
-  std::memcpy(&h, p + 2 * i, 2);
-  return f16(h);
-}
 
 // -- decoding: a row's blocks -> L-lane float vectors ------------------------------------------
 //
@@ -308,8 +290,6 @@ inline void dispatch(QType t, F&& f) {
   }
 }
 
-int64_t block_elems(QType t) { return t <= Q8_0 ? 32 : 256; }
-
 // -- the products: y[t, n] = x[t, :] . w[n, :] ------------------------------------------------
 
 struct Out {  // y [tokens, rows] with the tile's first token and row
@@ -360,24 +340,6 @@ __attribute__((always_inline)) inline void fused(const Fields& f, int64_t nb, co
     for (int a = 1; a < A; ++a) sum += acc[i][a];
     o.y[(o.t0 + i) * o.rows + o.n0] = hsum(sum);
   }
-}
-
-// Each field is [rows, ...] (ndim 2) or [experts, rows, ...] (ndim 3, the grouped target), all
-// contiguous: row n of the whole [experts * rows, ...] starts at base + n * stride.
-bool read_fields(const ffi::RemainingArgs& args, size_t first, size_t ndim, Fields* f,
-                 int64_t* experts, int64_t* rows) {
-  if (args.size() <= first || args.size() - first > size_t(kMaxFields)) return false;
-  for (size_t i = first; i < args.size(); ++i) {
-    auto buf = args.get<ffi::AnyBuffer>(i);
-    if (buf.has_error() || buf->dimensions().size() != ndim) return false;
-    auto dims = buf->dimensions();
-    const int64_t e = ndim == 3 ? dims[0] : 1, r = dims[ndim - 2];
-    if (i == first) *experts = e, *rows = r;
-    if (e != *experts || r != *rows) return false;
-    f->base[i - first] = static_cast<const uint8_t*>(buf->untyped_data());
-    f->stride[i - first] = int64_t(buf->size_bytes() / std::max<int64_t>(e * r, 1));
-  }
-  return true;
 }
 
 constexpr int64_t kFewTokens = 4;  // up to this many tokens: products summed along cols

@@ -233,16 +233,17 @@ def dequantize(fields: dict, qtype: str, cols: int, dtype=jnp.float32) -> jax.Ar
     return w.reshape(r, cols).astype(dtype)
 
 
-def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto"):
+def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str = "auto",
+            activations: str = "f32"):
     """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend (XLA where the Pallas
-    kernel does not compile)."""
+    kernel does not compile); activations: the C++ kernel's (cpu.qmatmul)."""
     backend = kernel_backend.resolve(backend)
     rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
     if backend == "cpu":
         from vllm_jax.kernels import cpu
 
-        y = cpu.qmatmul(x2, fields, qtype)
+        y = cpu.qmatmul(x2, fields, qtype, activations)
     elif backend != "xla" and _pallas_runs(backend, x2, fields, qtype, cols):
         y = _fused_qmatmul(x2, fields, qtype, cols, interpret=backend == "pallas_interpret")
     else:

@@ -58,6 +58,7 @@ class Linear(nnx.Module):
     def __init__(self, weights: Mapping, name: str, backend: str | Backends = "auto"):
         w = weights[name + ".weight"]
         self.backend = kernel_backend.matmul_of(backend)
+        self.activations = kernel_backend.activations_of(backend)
         if isinstance(w, PackedWeight):
             self.qtype, self.cols = w.qtype, w.cols
             self.weight = nnx.Dict({k: nnx.Param(v) for k, v in w.fields.items()})
@@ -83,8 +84,8 @@ class Linear(nnx.Module):
             qmatmul = quant.qmatmul
             if kernel_backend.resolve(self.backend) != "xla":  # a kernel: split by hand on a mesh
                 qmatmul = parallel.shard_qmatmul(qmatmul, self.tp_dim)
-            y = qmatmul(x, self.fields(), self.qtype, self.cols,
-                        backend=self.backend).astype(x.dtype)
+            y = qmatmul(x, self.fields(), self.qtype, self.cols, backend=self.backend,
+                        activations=self.activations).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...]
 
 

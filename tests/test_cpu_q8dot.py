@@ -1,0 +1,121 @@
+"""The int8-activation CPU matmul (kernels/cpu_q8dot.cc) against (a) a numpy emulation of its
+arithmetic: x quantized per 32 exactly as the kernel does, each block's integer-valued product
+with gguf-py's weights summed in float64, then scaled (equal up to the kernel's float32 sums),
+and (b) the float32 product of gguf-py's weights and x, within the bound int8 activations allow.
+Both for the build for this machine and the portable ones (AVX2; AVX-VNNI; plain loops), few and
+many tokens."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vllm_jax.kernels import cpu
+from vllm_jax.kernels.quant import QTYPES, quantize, repack
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
+TOKENS = (1, 2, 3, 4, 8, 9, 13, 16, 23)  # the row path (1-4); tiles of 6 and a last one of 1-5
+# rtol of the whole output against the float32 product: the int8 rounding of x (<= 1/254 of
+# each block's max) leaves ~0.4% of |y| on random data
+F32_RTOL = 1e-2
+# of sum |x| |w|: float32 sums of terms up to 128x the weights (Q8_0 read as q + 128)
+EMULATION_RTOL = 1e-5
+PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni",
+            "no_simd_intrinsics": "-march=x86-64"}  # the loops other CPUs (ARM) compile
+
+
+def _case(qtype: str, seed: int):
+    """fields of 37 rows (two 16-row panels and a ragged one; 7 legacy blocks or 3 K-blocks),
+    gguf-py's float32 weights, and x for each token count."""
+    elems = QTYPES[qtype][0]
+    rows, cols = 37, (3 if elems == 256 else 7) * elems
+    rng = np.random.default_rng(seed)
+    qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    w = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
+    xs = [rng.standard_normal((t, cols)).astype(np.float32) for t in TOKENS]
+    xs[-1][0, :64] = 0  # all-zero blocks: scale 0
+    return repack(qt), w, xs
+
+
+def emulate(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The kernel's arithmetic in numpy: d = max|x| / 127 and q = rint(x * (1 / d)) in float32
+    per 32 of x; y = sum over blocks of d * (q . w) (float64 sums)."""
+    xb = x.reshape(len(x), -1, 32)
+    d = np.abs(xb).max(-1) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
+    q = np.rint(xb * inv[..., None].astype(np.float32))
+    wb = w.reshape(len(w), -1, 32).astype(np.float64)
+    return np.einsum("tb,tbk,rbk->tr", d.astype(np.float64), q, wb)
+
+
+def _check(qtype: str, got: list, w, xs):
+    for x, y in zip(xs, got):
+        y, ref = np.asarray(y), x.astype(np.float64) @ w.T.astype(np.float64)
+        assert y.shape == ref.shape
+        err = np.abs(y - emulate(x, w)) / (np.abs(x) @ np.abs(w).T)
+        assert err.max() < EMULATION_RTOL, f"{qtype} {len(x)} tokens: {err.max():.1e} off"
+        rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+        assert rel < F32_RTOL, f"{qtype} {len(x)} tokens: {rel:.2e} off the float32 product"
+
+
+def _run(qtype: str, fields: dict, xs: list) -> list:
+    fn = jax.jit(lambda x, f: cpu.qmatmul(x, f, qtype, activations="int8"))
+    f = {k: jnp.asarray(v) for k, v in fields.items()}
+    return [np.asarray(fn(jnp.asarray(x), f)) for x in xs]
+
+
+@pytest.mark.parametrize("qtype", cpu.INT8_QTYPES)
+def test_int8_matmul_matches_its_emulation_and_the_float32_product(qtype):
+    fields, w, xs = _case(qtype, 7)
+    _check(qtype, _run(qtype, fields, xs), w, xs)
+
+
+def test_int8_matmul_leaves_other_types_to_the_float32_path():
+    fields, w, xs = _case("q5_k", 8)
+    for x, y in zip(xs, _run("q5_k", fields, xs)):
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_activations_must_be_named():
+    with pytest.raises(ValueError, match="activations"):
+        cpu.qmatmul(jnp.zeros((1, 32)), {"d": jnp.zeros((1, 1))}, "q8_0", activations="int4")
+
+
+def _portable_main(path: str):
+    """In a subprocess built with VLLM_JAX_CPU_FLAGS: every case of `path`'s npz -> its outputs.
+    Only cpu_q8dot.cc is built (the other kernels' portable builds are not under test here)."""
+    cpu.SOURCES, cpu.TARGETS = [cpu.HERE / "cpu_q8dot.cc"], ("vllm_jax_q8dot",)
+    data = np.load(path)
+    out = {}
+    for qtype in cpu.INT8_QTYPES:
+        fields = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(qtype + "/")}
+        xs = [data[f"x/{qtype}/{i}"] for i in range(len(TOKENS))]
+        out.update({f"{qtype}/{i}": y for i, y in enumerate(_run(qtype, fields, xs))})
+    np.savez(path.replace(".npz", ".out.npz"), **out)
+
+
+@pytest.mark.parametrize("level", list(PORTABLE))
+def test_portable_builds_match_the_emulation(level, tmp_path):
+    cases = {q: _case(q, 9) for q in cpu.INT8_QTYPES}
+    arrays = {f"{q}/{k}": v for q, (f, _, _) in cases.items() for k, v in f.items()}
+    arrays |= {f"x/{q}/{i}": x for q, (_, _, xs) in cases.items() for i, x in enumerate(xs)}
+    path = str(tmp_path / "cases.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, VLLM_JAX_CPU_FLAGS=PORTABLE[level])
+    code = (f"import sys; sys.path[:0] = {json.dumps([str(Path(__file__).parent)])}; "
+            f"import test_cpu_q8dot as t; t._portable_main({path!r})")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = np.load(path.replace(".npz", ".out.npz"))
+    for q, (_, w, xs) in cases.items():
+        _check(q, [out[f"{q}/{i}"] for i in range(len(TOKENS))], w, xs)

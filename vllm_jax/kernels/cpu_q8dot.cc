@@ -1,0 +1,495 @@
+// GGUF-quantized matmul with int8 activations and integer dot products, an XLA FFI custom call
+// (built by kernels/cpu.py beside cpu_qmatmul.cc, which keeps the float32 path):
+//   vllm_jax_q8dot  x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
+//                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)
+//
+// Each call first quantizes x per 32 elements: d = max|x| / 127, q = round(x / d) in -127..127,
+// and the sums d * sum(q) over each 16. Every weight type is read as unsigned bytes u (0..255)
+// with, per 16 or 32 weights, w = s * u + c (c: the min, or -offset * s), so
+//   x . w = sum over blocks of  d * s * (q . u)  +  c * d * sum(q),
+// the q . u summed in int32 by one instruction per 32 byte pairs: vpdpbusd (AVX-512 VNNI, or
+// AVX-VNNI: 256-bit), else vpmaddubsw + vpmaddwd (AVX2), else a loop; which one is fixed when the
+// file is compiled for the machine (-march=native). Vectors are 256-bit on every path.
+//
+// Up to 4 tokens (decode): one weight row at a time, its blocks unpacked in registers, 8 int32
+// lanes a block. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
+// transposed so that one vector holds 4 consecutive bytes of each of 16 (8) rows; a 4-byte
+// broadcast of a token's activations then gives 16 (8) rows' partial dots per instruction (the
+// GEMM micro-kernel shape), for every token of the panel's tiles.
+#include <cmath>
+
+#include "cpu_fields.h"
+
+namespace {
+
+using namespace vllm_jax;
+
+typedef int8_t i8x32 __attribute__((vector_size(32)));
+
+// acc lane i + the dot of bytes 4i..4i+3 of w (unsigned, <= kMax) and x (signed, -127..127)
+template <int kMax>
+inline i32x8 dot(i32x8 acc, u8x32 w, i8x32 x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)w, (__m256i)x);
+#elif defined(__AVXVNNI__)
+  return (i32x8)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)w, (__m256i)x);
+#elif defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (2 * kMax * 127 <= 32767) {  // vpmaddubsw's int16 pair sums cannot saturate
+    return acc + (i32x8)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x), ones);
+  } else {  // bytes up to 255: u = 2 * (u >> 1) + (u & 1), each part's pair sums fit int16
+    const u8x32 half = w >> 1, odd = w & 1;
+    const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)half, (__m256i)x),
+                                        _mm256_set1_epi16(2));
+    const __m256i b = _mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)odd, (__m256i)x), ones);
+    return acc + (i32x8)a + (i32x8)b;
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int k = 0; k < 4; ++k) acc[i] += int32_t(w[4 * i + k]) * int32_t(x[4 * i + k]);
+  return acc;
+#endif
+}
+
+// -- the activations ---------------------------------------------------------------------------
+
+#if defined(VLLM_JAX_AVX512)
+constexpr int kTileTokens = 6;  // many tokens: 24 of the 32 vector registers accumulate
+#else
+constexpr int kTileTokens = 2;
+#endif
+
+// x [tokens, cols] quantized per 32, for few tokens token by token (q, d8, s16, s32), for many
+// in the tiles' order: the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left)
+// at q + t0 * cols as [32-block j][4 bytes g][n][4] (a tile reads one stream, each 4 bytes its
+// broadcast), and their scales and sums at s + 4 * t0 * nj as [j][d, s32, s16 x 2][n]
+struct QuantX {
+  int64_t tokens = 0, cols = 0, nj = 0;
+  bool tiles = false;
+  std::vector<int8_t> q;
+  std::vector<float> s, d8, s16, s32;  // s: the tiles'; d8: each scale 8 times (a vector's lanes)
+
+  void resize(int64_t t, int64_t c, bool tiled) {
+    tokens = t, cols = c, nj = c / 32, tiles = tiled;
+    q.resize(t * c);
+    if (tiles) return s.resize(4 * t * nj);
+    d8.resize(8 * t * nj), s16.resize(2 * t * nj), s32.resize(t * nj);
+  }
+  const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
+  const float* dx8(int64_t t, int64_t j) const { return d8.data() + 8 * (t * nj + j); }
+  float sum16(int64_t t, int64_t h) const { return s16[t * 2 * nj + h]; }
+  float sum32(int64_t t, int64_t j) const { return s32[t * nj + j]; }
+  const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
+  const float* tile_s(int64_t t0) const { return s.data() + 4 * t0 * nj; }
+};
+
+// 32 floats -> q, and returns d; s[0], s[1]: the integer sums of q over each 16
+inline float quantize_block(const float* x, int8_t* q, int32_t* s) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; i += 8) {
+    const f8 v = load<f8>(x + i);
+    for (int k = 0; k < 8; ++k) amax = std::max(amax, std::fabs(v[k]));
+  }
+  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+#if defined(__AVX2__)
+  __m256i r[4];
+  for (int g = 0; g < 4; ++g)  // round to nearest even, as np.rint
+    r[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * g), _mm256_set1_ps(id)));
+  s[0] = int32_t(hsum(to_f8((i32x8)r[0] + (i32x8)r[1])));
+  s[1] = int32_t(hsum(to_f8((i32x8)r[2] + (i32x8)r[3])));
+  const __m256i w =
+      _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  // the packs interleave 128-bit lanes: dwords 0 4 1 5 2 6 3 7 -> 0..7
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+  s[0] = s[1] = 0;
+  for (int i = 0; i < 32; ++i) {
+    q[i] = int8_t(std::nearbyint(x[i] * id));
+    s[i / 16] += q[i];
+  }
+#endif
+  return d;
+}
+
+void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
+  const int64_t nj = qx->nj, cols = qx->cols;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t j = 0; j < nj; ++j) {
+      alignas(32) int8_t q[32];
+      int32_t s[2];
+      const float d = quantize_block(x + t * cols + 32 * j, q, s);
+      const float sums[3] = {d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      if (!qx->tiles) {
+        std::memcpy(qx->q.data() + t * cols + 32 * j, q, 32);
+        const int64_t i = t * nj + j;
+        qx->s32[i] = sums[0], qx->s16[2 * i] = sums[1], qx->s16[2 * i + 1] = sums[2];
+        store(qx->d8.data() + 8 * i, splat(d));
+        continue;
+      }
+      const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
+      const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
+      for (int g = 0; g < 8; ++g)
+        std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
+      float* st = qx->s.data() + 4 * (first * nj + j * n) + i;
+      st[0] = d, st[n] = sums[0], st[2 * n] = sums[1], st[3 * n] = sums[2];
+    }
+}
+
+// -- the weights: a row's blocks -> 32 unsigned bytes and their scales at a time -----------------
+//
+// A decoder hands `use(j, u, sc)` each 32 weights (j: their 32-block in the row): w = s * u + c
+// with s, c = sc.s[0], sc.c[0] for the first 16 and sc.s[1], sc.c[1] for the next (equal unless
+// kHalves: Q6_K's scales cover 16 weights).
+
+struct Scales {
+  float s[2], c[2];
+};
+
+// 16 bytes -> their low nibbles, then their high nibbles
+inline u8x32 nibbles(const uint8_t* p) {
+#if defined(__AVX2__)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (u8x32)_mm256_set_m128i(_mm_srli_epi16(v, 4), v) & 15;
+#else
+  u8x32 r;
+  for (int i = 0; i < 16; ++i) r[i] = p[i] & 15, r[16 + i] = p[i] >> 4;
+  return r;
+#endif
+}
+
+// bit i of h -> byte i as 16 (0 where clear)
+inline u8x32 fifth_bits(uint32_t h) {
+#if defined(__AVX2__)
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i: byte i / 8 of h
+      _mm256_set1_epi32(int32_t(h)),
+      _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  return (u8x32)_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit) & 16;
+#else
+  u8x32 r;
+  for (int i = 0; i < 32; ++i) r[i] = ((h >> i) & 1) << 4;
+  return r;
+#endif
+}
+
+template <QType t>
+struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * q + m
+  static constexpr int kBlock = 32, kMax = t == Q8_0 ? 255 : t <= Q4_1 ? 15 : 31;
+  static constexpr bool kHalves = false, has_m = t == Q4_1 || t == Q5_1;
+  static constexpr bool has_h = t == Q5_0 || t == Q5_1;
+  static constexpr float kOffset = t == Q4_0 ? 8.f : t == Q5_0 ? 16.f : t == Q8_0 ? 128.f : 0.f;
+  const uint8_t *d, *m, *qh, *qs;
+
+  Legacy(const Fields& f, int64_t n)
+      : d(f.row(0, n)), m(has_m ? f.row(1, n) : nullptr),
+        qh(has_h ? f.row(has_m ? 2 : 1, n) : nullptr), qs(f.row(has_m + has_h + 1, n)) {}
+
+  template <typename Use>
+  inline void block(int64_t b, Use&& use) const {
+    u8x32 u;
+    if constexpr (t == Q8_0) {
+      u = load<u8x32>(qs + 32 * b) ^ 0x80;  // q + 128
+    } else {
+      u = nibbles(qs + 16 * b);
+      if constexpr (has_h) {
+        uint32_t h;
+        std::memcpy(&h, qh + 4 * b, 4);
+        u |= fifth_bits(h);
+      }
+    }
+    const float db = f16_at(d, b), c = has_m ? f16_at(m, b) : -kOffset * db;
+    use(b, u, Scales{{db, db}, {c, c}});
+  }
+};
+
+struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - dmin * m
+  static constexpr int kBlock = 256, kMax = 15;
+  static constexpr bool kHalves = false;
+  const uint8_t *d, *dm, *sc, *m, *qs;
+  Q4K(const Fields& f, int64_t n)
+      : d(f.row(0, n)), dm(f.row(1, n)), sc(f.row(2, n)), m(f.row(3, n)), qs(f.row(4, n)) {}
+
+  template <typename Use>
+  inline void block(int64_t b, Use&& use) const {
+    const float db = f16_at(d, b), mb = f16_at(dm, b);
+    for (int p = 0; p < 4; ++p) {  // element 64p + c: low nibble of byte 32p + c, + 32: high
+      const u8x32 v = load<u8x32>(qs + 128 * b + 32 * p);
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * p + h;
+        const float s = db * float(sc[8 * b + j]), c = -mb * float(m[8 * b + j]);
+        use(8 * b + j, h ? u8x32(v >> 4) : u8x32(v & 15), Scales{{s, s}, {c, c}});
+      }
+    }
+  }
+};
+
+struct Q6K {  // d, sc (int8), ql, qh; 16 scales of 16: w = d * sc * (q - 32)
+  static constexpr int kBlock = 256, kMax = 63;
+  static constexpr bool kHalves = true;
+  const uint8_t *d, *ql, *qh;
+  const int8_t* sc;
+  Q6K(const Fields& f, int64_t n)
+      : d(f.row(0, n)), ql(f.row(2, n)), qh(f.row(3, n)),
+        sc(reinterpret_cast<const int8_t*>(f.row(1, n))) {}
+
+  template <typename Use>
+  inline void block(int64_t b, Use&& use) const {
+    const float db = f16_at(d, b);
+    for (int h = 0; h < 2; ++h) {  // element 128h + 32s + c: see cpu_qmatmul.cc's Q6K
+      const uint8_t* l = ql + 128 * b + 64 * h;
+      const u8x32 a = load<u8x32>(l), c = load<u8x32>(l + 32);
+      const u8x32 hv = load<u8x32>(qh + 64 * b + 32 * h);
+      const u8x32 u[4] = {(a & 15) | ((hv & 3) << 4), (c & 15) | (((hv >> 2) & 3) << 4),
+                          (a >> 4) | (((hv >> 4) & 3) << 4), (c >> 4) | ((hv >> 6) << 4)};
+      for (int s = 0; s < 4; ++s) {
+        const int j = 4 * h + s;
+        const float s0 = db * float(sc[16 * b + 2 * j]), s1 = db * float(sc[16 * b + 2 * j + 1]);
+        use(8 * b + j, u[s], Scales{{s0, s1}, {-32.f * s0, -32.f * s1}});
+      }
+    }
+  }
+};
+
+template <typename D>
+constexpr D* tag = nullptr;
+
+// f(decoder type) for a runtime type; false for the types left to cpu_qmatmul.cc
+template <typename F>
+inline bool dispatch(QType t, F&& f) {
+  switch (t) {
+    case Q4_0: return f(tag<Legacy<Q4_0>>), true;
+    case Q4_1: return f(tag<Legacy<Q4_1>>), true;
+    case Q5_0: return f(tag<Legacy<Q5_0>>), true;
+    case Q5_1: return f(tag<Legacy<Q5_1>>), true;
+    case Q8_0: return f(tag<Legacy<Q8_0>>), true;
+    case Q4_K: return f(tag<Q4K>), true;
+    case Q6_K: return f(tag<Q6K>), true;
+    default: return false;
+  }
+}
+
+struct Problem {
+  Fields f;
+  const QuantX* x;
+  float* y;  // [tokens, rows]
+  int64_t tokens, rows, nb, nj;  // nb: weight blocks a row, nj: 32-blocks
+};
+
+// -- few tokens: a row at a time ---------------------------------------------------------------
+
+// the scale of each lane of a block's 8: a, or (kHalves) lanes 0-3 a, 4-7 b
+template <bool kHalves>
+inline f8 lane_scales(const Scales& sc) {
+  return kHalves ? f8{sc.s[0], sc.s[0], sc.s[0], sc.s[0], sc.s[1], sc.s[1], sc.s[1], sc.s[1]}
+                 : splat(sc.s[0]);
+}
+
+// Row n times TT tokens. One row at a time: each field one stream (4 rows' blocks in turn, 4
+// streams a field, were 1.3x slower on the 49152-row lm_head from memory)
+template <typename D, int TT>
+inline void row_dots(const Problem& p, int64_t n) {
+  const D row(p.f, n);
+  f8 acc[TT] = {};
+  float off[TT] = {};
+  for (int64_t b = 0; b < p.nb; ++b)
+    row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
+      const f8 s = lane_scales<D::kHalves>(sc);
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        const i32x8 qd = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
+        acc[t] += to_f8(qd) * (s * load<f8>(p.x->dx8(t, j)));
+        off[t] += D::kHalves ? sc.c[0] * p.x->sum16(t, 2 * j) + sc.c[1] * p.x->sum16(t, 2 * j + 1)
+                             : sc.c[0] * p.x->sum32(t, j);
+      }
+    });
+  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = hsum(acc[t]) + off[t];
+}
+
+// measured: the Q8_0 lm_head at 3-4 tokens 1.5-1.9x faster here than in tiles
+constexpr int64_t kFewTokens = 4;
+
+template <typename D, int TT>
+void few_rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) row_dots<D, TT>(p, n);
+}
+
+// -- many tokens: panels of kRows rows times kTileTokens tokens ---------------------------------
+//
+// A row vector holds one int32 (4 bytes' dot) of each of kLanes rows: 16 with AVX-512 VNNI (a
+// zmm vpdpbusd, full width on cores with 512-bit units: 2x the 256-bit form's products), else 8
+
+#if defined(VLLM_JAX_AVX512) && defined(__AVX512VNNI__)
+constexpr int kLanes = 16;
+typedef i32x16 RowI;
+typedef f32x16 RowF;
+template <int kMax>
+inline RowI dot_rows(RowI acc, const uint8_t* w, int32_t x4) {
+  return (RowI)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(w), _mm512_set1_epi32(x4));
+}
+#else
+constexpr int kLanes = 8;
+typedef i32x8 RowI;
+typedef f8 RowF;
+template <int kMax>
+inline RowI dot_rows(RowI acc, const uint8_t* w, int32_t x4) {
+  return dot<kMax>(acc, load<u8x32>(w), (i8x32)(i32x8{} + x4));
+}
+#endif
+constexpr int kRows = 2 * kLanes;  // two row vectors
+
+struct PanelBlock {  // one 32-block of kRows rows
+  uint8_t u[8][4 * kRows];  // [group g][row][4]: bytes 4g..4g+3 of each row
+  float s[2][kRows], c[2][kRows];  // [first or next 16 weights][row]
+};
+
+// rows [n, n + nrows) -> panel [nj] (rows past nrows repeat the last)
+template <typename D>
+void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
+  for (int r = 0; r < kRows; ++r) {
+    const D row(p.f, n + std::min(r, nrows - 1));
+    for (int64_t b = 0; b < p.nb; ++b)
+      row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
+        store(&panel[j].u[0][0] + 32 * r, u);  // row-major until transposed
+        for (int h = 0; h < 2; ++h) panel[j].s[h][r] = sc.s[h], panel[j].c[h][r] = sc.c[h];
+      });
+  }
+  const int64_t nj = p.nb * D::kBlock / 32;
+  for (int64_t j = 0; j < nj; ++j) {
+    alignas(64) float rows[kRows][8];  // row-major kRows rows of 8 dwords -> group-major
+    std::memcpy(rows, panel[j].u, sizeof rows);
+    for (int r0 = 0; r0 < kRows; r0 += 8) {
+      f8 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load<f8>(rows[r0 + i]);
+      transpose8(r);
+      for (int g = 0; g < 8; ++g) store(&panel[j].u[g][4 * r0], r[g]);
+    }
+  }
+}
+
+// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n
+template <typename D, int NT>
+inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
+                 int64_t t0) {
+  RowF acc[NT][2] = {};
+  const int8_t* xq = p.x->tile_q(t0);  // [j][g][NT][4]
+  const float* xs = p.x->tile_s(t0);   // [j][d, s32, s16 x 2][NT]
+  for (int64_t j = 0; j < nj; ++j, xs += 4 * NT) {
+    const PanelBlock& pb = panel[j];
+    RowI qd[NT][2] = {};
+    auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t)
+        for (int v = 0; v < 2; ++v) {
+          const RowF s = load<RowF>(pb.s[h] + kLanes * v) * xs[t];
+          acc[t][v] += __builtin_convertvector(qd[t][v], RowF) * s;
+          qd[t][v] = RowI{};
+        }
+    };
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g, xq += 4 * NT) {
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        const int32_t x4 = load<int32_t>(xq + 4 * t);
+        qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
+        qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
+      }
+      if (D::kHalves && g == 3) flush(0);
+    }
+    flush(D::kHalves ? 1 : 0);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < 2; ++v) {
+        if constexpr (D::kHalves)
+          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[2 * NT + t] +
+                       load<RowF>(pb.c[1] + kLanes * v) * xs[3 * NT + t];
+        else
+          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[NT + t];
+      }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 2 && kLanes * v < nrows; ++v)
+      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v, acc[t][v],
+                  std::min(kLanes, nrows - kLanes * v));
+}
+
+// the last p.tokens - t0 (< kTileTokens) tokens
+template <typename D>
+inline void tail_tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
+                      int64_t t0) {
+  switch (p.tokens - t0) {
+    case 0: return;
+    case 1: return tile<D, 1>(p, panel, nj, n, nrows, t0);
+    case 2: return tile<D, 2>(p, panel, nj, n, nrows, t0);
+    case 3: return tile<D, 3>(p, panel, nj, n, nrows, t0);
+    case 4: return tile<D, 4>(p, panel, nj, n, nrows, t0);
+    default: return tile<D, 5>(p, panel, nj, n, nrows, t0);
+  }
+}
+static_assert(kTileTokens <= 6, "tail_tile takes up to 5 tokens");
+
+template <typename D>
+void many_rows(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t nj = p.nb * D::kBlock / 32;
+  thread_local std::vector<PanelBlock> panel;
+  if (int64_t(panel.size()) < nj) panel.resize(nj);
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int nrows = int(std::min<int64_t>(kRows, n1 - n));
+    build_panel<D>(p, n, nrows, panel.data());
+    int64_t t0 = 0;
+    for (; t0 + kTileTokens <= p.tokens; t0 += kTileTokens)
+      tile<D, kTileTokens>(p, panel.data(), nj, n, nrows, t0);
+    tail_tile<D>(p, panel.data(), nj, n, nrows, t0);
+  }
+}
+
+constexpr int64_t kSliceTokens = 256;  // tokens per pass over the weights (their q in L2)
+
+ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> y,
+                 int64_t qtype) {
+  Problem whole{};
+  int64_t experts;
+  const QType t = QType(qtype);
+  const int64_t tokens = x.dimensions()[0], cols = x.dimensions()[1];
+  const bool ok = dispatch(t, [](auto) {}) && cols % block_elems(t) == 0 &&
+                  read_fields(args, 0, 2, &whole.f, &experts, &whole.rows);
+  if (!ok) return ffi::Error::InvalidArgument("vllm_jax_q8dot: bad type or weight fields");
+  whole.nb = cols / block_elems(t), whole.nj = cols / 32;
+  thread_local QuantX qx;
+  for (int64_t s0 = 0; s0 < tokens; s0 += kSliceTokens) {
+    Problem p = whole;
+    p.tokens = std::min(kSliceTokens, tokens - s0);
+    p.y = y->typed_data() + s0 * p.rows;
+    p.x = &qx;
+    const float* xs = x.typed_data() + s0 * cols;
+    const bool few = p.tokens <= kFewTokens;
+    qx.resize(p.tokens, cols, !few);
+    QuantX* q = &qx;
+    // a decode batch's few rows on this thread alone: a second hand-off to the helpers per call
+    // costs more than quantizing them (~1 us a token) where the cores are shared
+    parallel_for(p.tokens, 64, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
+    dispatch(t, [&](auto* tag) {
+      using D = std::remove_pointer_t<decltype(tag)>;
+      static_assert(kFewTokens == 4, "few_rows takes 1..4 tokens");
+      parallel_for(p.rows, kRows, [&p, few](int64_t n0, int64_t n1) {
+        if (!few) return many_rows<D>(p, n0, n1);
+        switch (p.tokens) {
+          case 1: return few_rows<D, 1>(p, n0, n1);
+          case 2: return few_rows<D, 2>(p, n0, n1);
+          case 3: return few_rows<D, 3>(p, n0, n1);
+          default: return few_rows<D, 4>(p, n0, n1);
+        }
+      });
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_q8dot, Q8Dot,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype"));
