@@ -141,7 +141,8 @@ def test_step_updates_the_kv_cache_in_place(llama):
     for layout in (StepLayout(2, 2, runner.max_pages, True), StepLayout(16, 2, runner.max_pages,
                                                                           False)):
         ints, floats = runner.prepare(ScheduledBatch(False, [], []), layout)
-        compiled = runner._step.lower(runner.leaves, runner.kv, ints, floats, layout).compile()
+        compiled = runner._step.lower(runner.leaves, runner.kv, ints, floats, layout,
+                                    runner.no_prev_tokens).compile()
         memory = compiled.memory_analysis()
         assert memory.alias_size_in_bytes >= sum(c.nbytes for c in runner.kv)
         assert memory.temp_size_in_bytes < runner.kv[0].nbytes

@@ -43,6 +43,9 @@ class DraftView:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    num_known_tokens = num_tokens  # no token of a speculative step is in flight
+    prev_row = -1
+
     def block_array(self):
         return self.seq.block_array()
 
