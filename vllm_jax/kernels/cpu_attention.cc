@@ -90,7 +90,6 @@ inline f8 sum8(const f8 (&a)[8]) {
 // that the hardware prefetcher does not follow across pages: rows kAhead ahead are asked for
 // early.
 constexpr int64_t kAhead = 32;
-constexpr int64_t kMaxGroup = 64;  // query heads a KV head
 
 template <typename T>
 inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j0,
@@ -101,62 +100,64 @@ inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h
   }
 }
 
-struct Scratch {
-  std::vector<float> scores;
-  std::vector<f8> acc;
-};
-
-// Keys [j0, j0 + n) of one query row's context, one KV head h and its G = heads / kv_heads
-// query heads: m[g] the span's highest score, l[g] its sum of exp(score - m[g]), and
-// acc[g * d8 ...] = sum_j exp(score_j - m[g]) v_j (not yet divided by l). Keys come in blocks of
+// One query row, one KV head h and its G = heads / kv_heads query heads. Keys come in blocks of
 // 8 rows (scores of 8 rows at once for each head, summed by sum8); values in blocks of up to 16
 // rows (each head's output, 8 vectors at a time, stays in registers over the block). D8 is the
 // head dimension in vectors (0: read it at run time).
 template <int D8, typename T>
-void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0, int64_t n,
-                 Scratch& w, float* m, float* l) {
+void attend(const Attn<T>& a, int64_t row, int64_t h, std::vector<float>& scores,
+            std::vector<f8>& acc) {
   const int64_t g_count = a.heads / a.kv_heads, d8 = D8 ? D8 : a.dim / 8;
+  float* out = a.o + (row * a.heads + h * g_count) * a.dim;
+  int64_t s;
+  const int64_t ctx = row_context(a, row, s);
+  if (ctx <= 0) {  // a padding row
+    std::fill(out, out + g_count * a.dim, 0.f);
+    return;
+  }
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - lo;
   const int64_t stride = (n + 7) / 8 * 8;
-  w.scores.resize(g_count * stride);
-  w.acc.assign(2 * g_count * d8, f8{});
+  scores.resize(g_count * stride + g_count);  // then each head's 1 / sum of exps
+  acc.assign(2 * g_count * d8, f8{});
   const float* q = a.q + (row * a.heads + h * g_count) * a.dim;  // G rows of dim
-  f8* qs = w.acc.data() + g_count * d8;  // q * scale, as the reference scales it
+  f8* qs = acc.data() + g_count * d8;  // q * scale, as the reference scales it
   for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
-  prefetch_rows(a, a.k, s, h, j0, j0 + std::min(n, kAhead));
+  prefetch_rows(a, a.k, s, h, lo, lo + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 8) {  // scores
     const T* kr[8];
-    for (int r = 0; r < 8; ++r) kr[r] = kv_row(a, a.k, s, h, j0 + std::min(j + r, n - 1));
-    prefetch_rows(a, a.k, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 8, n));
+    for (int r = 0; r < 8; ++r) kr[r] = kv_row(a, a.k, s, h, lo + std::min(j + r, n - 1));
+    prefetch_rows(a, a.k, s, h, lo + std::min(j + kAhead, n), lo + std::min(j + kAhead + 8, n));
     for (int64_t g = 0; g < g_count; ++g) {
       f8 dot[8] = {};
       const f8* qg = qs + g * d8;
       for (int64_t i = 0; i < d8; ++i)
         for (int r = 0; r < 8; ++r) dot[r] += qg[i] * load8(kr[r] + 8 * i);
-      store(w.scores.data() + g * stride + j, sum8(dot));
+      store(scores.data() + g * stride + j, sum8(dot));
     }
   }
+  float* inv = scores.data() + g_count * stride;  // no allocation per (sequence, head)
   for (int64_t g = 0; g < g_count; ++g) {  // softmax numerators, in place
-    float* sc = w.scores.data() + g * stride;
-    m[g] = *std::max_element(sc, sc + n);
+    float* sc = scores.data() + g * stride;
+    const float m = *std::max_element(sc, sc + n);
     std::fill(sc + n, sc + stride, -INFINITY);
     f8 total = {};
     for (int64_t j = 0; j < stride; j += 8) {
-      const f8 e = exp8(load<f8>(sc + j) - m[g]);
+      const f8 e = exp8(load<f8>(sc + j) - m);
       store(sc + j, e);
       total += e;
     }
-    l[g] = hsum(total);
+    inv[g] = 1.f / hsum(total);
   }
-  prefetch_rows(a, a.v, s, h, j0, j0 + std::min(n, kAhead));
-  for (int64_t j = 0; j < n; j += 16) {  // acc[g] = sum_j p[g][j] v[j]
+  prefetch_rows(a, a.v, s, h, lo, lo + std::min(n, kAhead));
+  for (int64_t j = 0; j < n; j += 16) {  // out[g] = sum_j p[g][j] v[j]
     const int rows = int(std::min<int64_t>(16, n - j));
     const T* vr[16];
-    for (int r = 0; r < rows; ++r) vr[r] = kv_row(a, a.v, s, h, j0 + j + r);
-    prefetch_rows(a, a.v, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 16, n));
+    for (int r = 0; r < rows; ++r) vr[r] = kv_row(a, a.v, s, h, lo + j + r);
+    prefetch_rows(a, a.v, s, h, lo + std::min(j + kAhead, n), lo + std::min(j + kAhead + 16, n));
     for (int64_t g = 0; g < g_count; ++g) {
-      const float* p = w.scores.data() + g * stride + j;
+      const float* p = scores.data() + g * stride + j;
       for (int64_t c = 0; c < d8; c += 8) {  // 8 output vectors at a time
-        f8* ag = w.acc.data() + g * d8 + c;
+        f8* ag = acc.data() + g * d8 + c;
         f8 o[8];
         for (int i = 0; i < 8; ++i)
           if (c + i < d8) o[i] = ag[i];
@@ -170,92 +171,8 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
       }
     }
   }
-}
-
-// The keys row `row` attends to: [lo, lo + n) of sequence s (n = 0: a padding row).
-template <typename T>
-inline int64_t row_span(const Attn<T>& a, int64_t row, int64_t& s, int64_t& lo) {
-  const int64_t ctx = row_context(a, row, s);
-  lo = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0;
-  return std::max<int64_t>(0, ctx - lo);
-}
-
-// A query row's whole context for KV head h, normalized into the output.
-template <int D8, typename T>
-void attend(const Attn<T>& a, int64_t row, int64_t h, Scratch& w) {
-  const int64_t g_count = a.heads / a.kv_heads, d8 = D8 ? D8 : a.dim / 8;
-  float* out = a.o + (row * a.heads + h * g_count) * a.dim;
-  int64_t s, lo;
-  const int64_t n = row_span(a, row, s, lo);
-  if (n == 0) {
-    std::fill(out, out + g_count * a.dim, 0.f);
-    return;
-  }
-  float m[kMaxGroup], l[kMaxGroup];
-  attend_span<D8>(a, row, s, h, lo, n, w, m, l);
   for (int64_t g = 0; g < g_count; ++g)
-    for (int64_t i = 0; i < d8; ++i) store(out + g * a.dim + 8 * i, w.acc[g * d8 + i] / l[g]);
-}
-
-// Few (row, KV head) pairs over long contexts (one sequence decoding): each pair's context is
-// cut into spans that the threads share, each span's (m, l, acc) kept, then merged exactly:
-// out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c. Part layout: G x (D + 2) floats.
-template <int D8, typename T>
-void attend_split(const Attn<T>& a, int64_t rows, int64_t span) {
-  const int64_t g_count = a.heads / a.kv_heads, d = a.dim, part = g_count * (d + 2);
-  int64_t longest = 0;
-  for (int64_t r = 0, s, lo; r < rows; ++r) longest = std::max(longest, row_span(a, r, s, lo));
-  const int64_t spans = std::max<int64_t>(1, (longest + span - 1) / span);
-  const int64_t pairs = rows * a.kv_heads;
-  std::vector<float> parts(pairs * spans * part);
-  parallel_for(pairs * spans, 1, [&](int64_t i0, int64_t i1) {
-    thread_local Scratch w;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t pair = i / spans, c = i % spans, row = pair / a.kv_heads;
-      float* p = parts.data() + i * part;  // [G] m, [G] l, [G, D] acc
-      int64_t s, lo;
-      const int64_t n = row_span(a, row, s, lo), j0 = c * span, len = std::min(span, n - j0);
-      if (len <= 0) {
-        std::fill(p, p + g_count, -INFINITY);
-        std::fill(p + g_count, p + part, 0.f);
-        continue;
-      }
-      attend_span<D8>(a, row, s, pair % a.kv_heads, lo + j0, len, w, p, p + g_count);
-      for (int64_t g = 0; g < g_count * d / 8; ++g) store(p + 2 * g_count + 8 * g, w.acc[g]);
-    }
-  });
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const float* p0 = parts.data() + pair * spans * part;
-    float* out = a.o + (pair / a.kv_heads * a.heads + pair % a.kv_heads * g_count) * d;
-    for (int64_t g = 0; g < g_count; ++g) {
-      float top = -INFINITY, total = 0.f;
-      for (int64_t c = 0; c < spans; ++c) top = std::max(top, p0[c * part + g]);
-      std::fill(out + g * d, out + (g + 1) * d, 0.f);
-      if (top == -INFINITY) continue;  // a padding row
-      for (int64_t c = 0; c < spans; ++c) {
-        const float* p = p0 + c * part;
-        const float f = std::exp(p[g] - top);
-        total += f * p[g_count + g];
-        for (int64_t i = 0; i < d; ++i) out[g * d + i] += f * p[2 * g_count + g * d + i];
-      }
-      for (int64_t i = 0; i < d; ++i) out[g * d + i] /= total;
-    }
-  }
-}
-
-// Keys a span of the split path takes (0: no split). Splitting pays when the (row, KV head)
-// pairs are too few to keep every thread busy and some context is long.
-constexpr int64_t kMinSpan = 512;
-
-template <typename T>
-int64_t split_span(const Attn<T>& a, int64_t rows, int64_t threads) {
-  const int64_t pairs = rows * a.kv_heads;
-  if (pairs >= 4 * threads) return 0;
-  int64_t longest = 0;
-  for (int64_t r = 0, s, lo; r < rows; ++r) longest = std::max(longest, row_span(a, r, s, lo));
-  const int64_t want = (4 * threads + pairs - 1) / pairs;  // spans a pair
-  const int64_t span = std::max(kMinSpan, (longest + want - 1) / want);
-  return longest > span ? span : 0;
+    for (int64_t i = 0; i < d8; ++i) store(out + g * a.dim + 8 * i, acc[g * d8 + i] * inv[g]);
 }
 
 template <typename T>
@@ -275,20 +192,15 @@ ffi::Error Run(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   a.tables = tables.typed_data(), a.lens = lens.typed_data();
   a.seq_idx = seq_idx, a.positions = positions;
   a.scale = scale, a.window = window;
-  if (a.heads / a.kv_heads > kMaxGroup)
-    return ffi::Error::InvalidArgument("vllm_jax paged attention: too many query heads a KV head");
-  const int64_t rows = qd[0], kvh = a.kv_heads, threads = Pool::get().threads();
-  const int64_t span = split_span(a, rows, threads);
-  const bool d64 = a.dim == 64, d128 = a.dim == 128, d256 = a.dim == 256;  // 256: Gemma 3
-  if (span > 0) {
-    (d64 ? attend_split<8, T> : d128 ? attend_split<16, T> : d256 ? attend_split<32, T>
-                                                              : attend_split<0, T>)(a, rows, span);
-    return ffi::Error::Success();
-  }
-  const auto f = d64 ? attend<8, T> : d128 ? attend<16, T> : d256 ? attend<32, T> : attend<0, T>;
-  parallel_for(rows * kvh, 1, [&a, kvh, f](int64_t i0, int64_t i1) {
-    thread_local Scratch w;
-    for (int64_t i = i0; i < i1; ++i) f(a, i / kvh, i % kvh, w);
+  const int64_t kvh = a.kv_heads;
+  parallel_for(qd[0] * kvh, 1, [&a, kvh](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<f8> acc;
+    const auto f = a.dim == 64    ? attend<8, T>
+                   : a.dim == 128 ? attend<16, T>
+                   : a.dim == 256 ? attend<32, T>  // Gemma 3
+                                  : attend<0, T>;
+    for (int64_t i = i0; i < i1; ++i) f(a, i / kvh, i % kvh, scores, acc);
   });
   return ffi::Error::Success();
 }
