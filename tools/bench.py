@@ -189,9 +189,11 @@ class HostClock:
 
 
 def prompts_done(scheduler) -> bool:
-    """Every prompt computed: from here on steps are pure decode steps (with mixed steps the
-    first sequences decode while the later prompts prefill, all counted as the prefill phase)."""
-    return not scheduler.waiting and not any(seq.is_prefill for seq in scheduler.running)
+    """Every prompt computed and its first token read back: from here on steps are pure decode
+    steps (with mixed steps the first sequences decode while the later prompts prefill, all
+    counted as the prefill phase; with async scheduling a step counts once it is read)."""
+    return not scheduler.waiting and all(seq.num_known_tokens > seq.num_prompt_tokens
+                                         for seq in scheduler.running)
 
 
 def main(argv=None):
