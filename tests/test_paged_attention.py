@@ -238,3 +238,33 @@ def test_model_attention_uses_the_configured_backend():
     np.testing.assert_allclose(outs[1], outs[0], **TOL)
 
 
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_write_kv_puts_each_token_in_its_slot_and_drops_out_of_range_slots(tokens):
+    rng = np.random.default_rng(tokens)
+    kvh, pages, page_size, hd = 2, 4, 8, 16
+    k_cache, v_cache = (rng.standard_normal((kvh, pages, page_size, hd)).astype(np.float32)
+                        for _ in range(2))
+    k, v = (rng.standard_normal((tokens, kvh, hd)).astype(np.float32) for _ in range(2))
+    slots = rng.choice(pages * page_size, tokens, replace=False)
+    slots[-1] = pages * page_size  # a padding row: dropped
+    k_out, v_out = pa.write_kv(*map(jnp.asarray, (k_cache, v_cache, k, v)),
+                               jnp.asarray(slots, jnp.int32))
+    for cache, new, out in ((k_cache, k, k_out), (v_cache, v, v_out)):
+        want = cache.reshape(kvh, pages * page_size, hd).copy()
+        want[:, slots[:-1]] = new[:-1].swapaxes(0, 1)
+        np.testing.assert_array_equal(np.asarray(out), want.reshape(cache.shape))
+
+
+def test_one_token_kv_write_updates_a_donated_cache_in_place():
+    """A 1-slot scatter is what a 1-sequence decode step does: XLA must not copy the cache."""
+    shape = (3, 512, 16, 64)
+    write = jax.jit(pa.write_kv, donate_argnums=(0, 1))
+    args = (jax.ShapeDtypeStruct(shape, jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct((1, 3, 64), jnp.float32),) * 2 + (
+        jax.ShapeDtypeStruct((1,), jnp.int32),)
+    hlo = write.lower(*args).compile().as_text()
+    cache_copies = [ln for ln in hlo.splitlines()
+                    if " copy(" in ln and "f32[3,8192,64]" in ln.split("copy(")[0]]
+    assert not cache_copies, cache_copies

@@ -29,7 +29,7 @@ def host_runner(max_len: int, num_pages: int, page_size: int = PAGE) -> ModelRun
     runner = ModelRunner.__new__(ModelRunner)
     runner.page_size, runner.num_pages, runner.eos_ids = page_size, num_pages, [0]
     runner.max_model_len, runner.max_pages = max_len, -(-max_len // page_size)
-    runner.seq_buckets = [2 ** i for i in range(1, 9)]
+    runner.seq_buckets = [2 ** i for i in range(9)]
     return runner
 
 

@@ -44,4 +44,4 @@ class MixedStepBudget:
         if per_token <= 0:  # the tokens cost nothing measurable
             return None
         allowed = (self.slowdown - 1) * (num_decode_rows + fixed / per_token)
-        return max(self.min_tokens, int(allowed))
+        return max(self.min_tokens, int(round(allowed, 6)))  # 7.9999999 from the fit: 8

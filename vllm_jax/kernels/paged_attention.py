@@ -41,6 +41,9 @@ DECODE_CHUNK_TOKENS = 128  # of decode: one query per row, so a chunk is mostly 
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
     """k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens]."""
     kvh, num_pages, page_size, hd = k_cache.shape
+    if slot_mapping.shape[0] == 1:  # XLA turns a 1-slot scatter into a copy of the whole cache
+        slot_mapping = jnp.pad(slot_mapping, (0, 1), constant_values=num_pages * page_size)
+        k, v = (jnp.pad(x, ((0, 1), (0, 0), (0, 0))) for x in (k, v))
 
     def put(cache, x):
         flat = cache.reshape(kvh, num_pages * page_size, hd)

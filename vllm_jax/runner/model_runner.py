@@ -145,9 +145,7 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages = -(-max_model_len // page_size)
         self.max_model_len = max_model_len
-        # never one row: XLA rewrites a 1-row step (matrix-vector dots, a 1-slot cache write)
-        # into forms that copy every weight and the whole KV cache, 2x slower than 2 rows
-        self.seq_buckets = buckets(max(max_num_seqs, 2), start=2)
+        self.seq_buckets = buckets(max_num_seqs)
         self.token_buckets = buckets(max_num_batched_tokens, start=min(16, max_num_batched_tokens))
         # rows of a prefill-shaped step: prompt chunks, and in a mixed step decode rows too
         self.prefill_seq_buckets = buckets(max_prefill_step_seqs)
