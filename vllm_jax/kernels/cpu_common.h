@@ -330,4 +330,21 @@ void parallel_for(int64_t n, int64_t multiple, F body) {
   pool.run((n + step - 1) / step, [=](int64_t c) { body(c * step, std::min(n, (c + 1) * step)); });
 }
 
+// body(i, n0, n1) over rows [0, rows[i]) of several problems (one x times several weights) in
+// one parallel_for: one hand-off to the helpers and one wait for them instead of one a problem.
+// Each problem's rows start at a multiple of `multiple` of the joint range.
+template <typename F>
+void parallel_for_each(const std::vector<int64_t>& rows, int64_t multiple, F body) {
+  std::vector<int64_t> start(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i)
+    start[i + 1] = start[i] + (rows[i] + multiple - 1) / multiple * multiple;
+  parallel_for(start.back(), multiple, [&](int64_t v0, int64_t v1) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t n0 = std::max<int64_t>(0, v0 - start[i]);
+      const int64_t n1 = std::min(rows[i], v1 - start[i]);
+      if (n0 < n1) body(i, n0, n1);
+    }
+  });
+}
+
 }  // namespace vllm_jax
