@@ -86,7 +86,25 @@ class Linear(nnx.Module):
                 qmatmul = parallel.shard_qmatmul(qmatmul, self.tp_dim)
             y = qmatmul(x, self.fields(), self.qtype, self.cols, backend=self.backend,
                         activations=self.activations).astype(x.dtype)
+        return self.add_bias(y)
+
+    def add_bias(self, y):
         return y if self.bias is None else y + self.bias[...]
+
+
+def linears(mods: list[Linear], x) -> list:
+    """[m(x) for m in mods], bit-identical; packed weights of the same activations and split on
+    the cpu backend in one kernel call (quant.qmatmul_many: x read, or quantized, once and one
+    pass of the helper threads over all their rows): a layer's q, k, v or gate, up."""
+    m0 = mods[0]
+    if (kernel_backend.resolve(m0.backend) != "cpu" or
+            any(m.qtype is None or (m.backend, m.activations, m.cols, m.tp_dim) !=
+                (m0.backend, m0.activations, m0.cols, m0.tp_dim) for m in mods)):
+        return [m(x) for m in mods]
+    fn = parallel.shard_qmatmul(quant.qmatmul_many, m0.tp_dim)
+    ys = fn(x, [m.fields() for m in mods], [m.qtype for m in mods], m0.cols,
+            backend=m0.backend, activations=m0.activations)
+    return [m.add_bias(y.astype(x.dtype)) for m, y in zip(mods, ys)]
 
 
 def _dense_kernel(x, fields, qtype, cols):
@@ -224,9 +242,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, kv, meta, decode: bool):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k, v = linears([self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -269,7 +288,8 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears([self.gate_proj, self.up_proj], x)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
 class Experts(Linear):
