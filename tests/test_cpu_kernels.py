@@ -228,6 +228,23 @@ def test_dense_matmul_reads_weights_exactly_and_only_its_own_row(wdtype, xdtype)
         assert np.all(np.isfinite(got[:, 0::2])) and np.all(got[:, 1::2] == np.inf)
 
 
+@pytest.mark.parametrize("xdtype", DENSE, ids=lambda d: d.__name__)
+def test_dense_matmul_many_equals_the_calls_one_by_one(xdtype):
+    # weights of one dtype share a call, others get their own; row counts that end mid-panel
+    rng = np.random.default_rng(24)
+    cols = 72
+    ws = [jnp.asarray(rng.standard_normal((rows, cols)), dt) for rows, dt in
+          ((29, jnp.bfloat16), (16, jnp.bfloat16), (9, jnp.float32), (70, jnp.bfloat16),
+           (5, jnp.float16))]
+    many, one = jax.jit(cpu.dense_matmul_many), jax.jit(cpu.dense_matmul)
+    for tokens in (1, 3, 17):
+        x = jnp.asarray(rng.standard_normal((tokens, cols)), xdtype)
+        got = many(x, ws)
+        assert len(got) == len(ws)
+        for y, w in zip(got, ws):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(one(x, w)))
+
+
 def test_dense_matmul_arguments():
     w = jnp.ones((4, 6), jnp.bfloat16)
     with pytest.raises(ValueError, match="weight dtype"):

@@ -241,10 +241,11 @@ inline void write_t(float* y, int64_t ldy, int64_t tokens, const V (&acc)[R][NV]
 
 // -- threads: the caller and a few helpers take chunks of rows off one counter ----------------
 //
-// One step makes ~200 of these calls, each only 20-200 us of work, so waking a sleeping thread
-// for each (tens of us in a VM) would eat the gain: helpers spin (yielding the core) for a while
-// after each job and only then sleep. A second caller arriving while a job runs (several XLA
-// devices in one process) does its own job alone.
+// One step makes ~120-200 of these calls (a layer's q, k, v share one, as its gate and up do),
+// each only 20-200 us of work, so waking a sleeping thread for each (tens of us in a VM) would
+// eat the gain: helpers spin (yielding the core) for a while after each job and only then sleep.
+// A second caller arriving while a job runs (several XLA devices in one process) does its own
+// job alone.
 
 struct Job {
   std::atomic<int64_t> next{0}, done{0};
