@@ -79,6 +79,28 @@ def test_qmatmul_odd_block_counts_and_several_panels(qtype):
                                   w[:, k + 1])
 
 
+@pytest.mark.parametrize("activations", cpu.ACTIVATIONS)
+@pytest.mark.parametrize("qtype", ALL)
+def test_qmatmul_many_equals_the_calls_one_by_one(qtype, activations):
+    # one call for a layer's q, k, v: weights of other types (Q6_K, as Q4_K_M stores v; Q5_K,
+    # which int8 activations leave to the float32 path) and row counts that end mid-panel
+    rng = np.random.default_rng(17)
+    cols = 512
+    weights = []
+    for q, rows in ((qtype, 37), ("q6_k", 16), ("q5_k", 9), (qtype, 70)):
+        qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), q)
+        weights.append(({k: jnp.asarray(v) for k, v in repack(qt).items()}, q))
+    qtypes = [q for _, q in weights]
+    many = jax.jit(lambda x, fs: cpu.qmatmul_many(x, list(zip(fs, qtypes)), activations))
+    one = jax.jit(lambda x, f, q: cpu.qmatmul(x, f, q, activations), static_argnums=2)
+    for tokens in (1, 3, 17):
+        x = jnp.asarray(rng.standard_normal((tokens, cols)).astype(np.float32))
+        got = many(x, [f for f, _ in weights])
+        assert len(got) == len(weights)
+        for y, (f, q) in zip(got, weights):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(one(x, f, q)))
+
+
 def test_qmatmul_backend_on_a_prefill_sized_batch():
     fields, w, cols = _case("q4_1", 24, 4)
     x = np.random.default_rng(5).standard_normal((2, 70, cols)).astype(np.float32)  # 3 slices
@@ -204,6 +226,23 @@ def test_dense_matmul_reads_weights_exactly_and_only_its_own_row(wdtype, xdtype)
     for x2 in (x, x[:2]):  # tiles and the few-token path
         got = np.asarray(fn(x2, jnp.asarray(w, wdtype)))
         assert np.all(np.isfinite(got[:, 0::2])) and np.all(got[:, 1::2] == np.inf)
+
+
+@pytest.mark.parametrize("xdtype", DENSE, ids=lambda d: d.__name__)
+def test_dense_matmul_many_equals_the_calls_one_by_one(xdtype):
+    # weights of one dtype share a call, others get their own; row counts that end mid-panel
+    rng = np.random.default_rng(24)
+    cols = 72
+    ws = [jnp.asarray(rng.standard_normal((rows, cols)), dt) for rows, dt in
+          ((29, jnp.bfloat16), (16, jnp.bfloat16), (9, jnp.float32), (70, jnp.bfloat16),
+           (5, jnp.float16))]
+    many, one = jax.jit(cpu.dense_matmul_many), jax.jit(cpu.dense_matmul)
+    for tokens in (1, 3, 17):
+        x = jnp.asarray(rng.standard_normal((tokens, cols)), xdtype)
+        got = many(x, ws)
+        assert len(got) == len(ws)
+        for y, w in zip(got, ws):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(one(x, w)))
 
 
 def test_dense_matmul_arguments():

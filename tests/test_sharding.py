@@ -315,6 +315,7 @@ def _shard_map_diffs() -> dict:
     x = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
     for backend in ("xla", "pallas_interpret") + (("cpu",) if cpu.available() else ()):
         fn = functools.partial(quant.qmatmul, backend=backend)
+        many = functools.partial(quant.qmatmul_many, backend=backend)  # a layer's q, k, v
         want = fn(x, fields, "q4_0", 128)
         for dim in (0, 1):
             spec = P(parallel.TP, None) if dim == 0 else P(None, parallel.TP)
@@ -323,7 +324,10 @@ def _shard_map_diffs() -> dict:
             with jax.set_mesh(mesh):
                 got = jax.jit(lambda x, f: parallel.shard_qmatmul(fn, dim)(x, f, "q4_0", 128))(
                     x, placed)
+                got_many = jax.jit(lambda x, f: parallel.shard_qmatmul(many, dim)(
+                    x, [f, f], ["q4_0", "q4_0"], 128))(x, placed)
             out[f"qmatmul_{backend}_dim{dim}"] = _relative(got, want)
+            out[f"qmatmul_many_{backend}_dim{dim}"] = max(_relative(y, want) for y in got_many)
     return out
 
 

@@ -229,7 +229,8 @@ def split_dim(arr) -> int | None:
 def shard_qmatmul(qmatmul_fn, dim: int | None, mesh: Mesh | None = None):
     """Run a fused dequant-matmul kernel (a Pallas call SPMD cannot split) on each device's shard.
 
-    qmatmul_fn(x [..., cols], fields, qtype, cols, **static) -> [..., rows] as kernels/quant.py;
+    qmatmul_fn(x [..., cols], fields, qtype, cols, **static) -> [..., rows] as kernels/quant.py
+    (or quant.qmatmul_many: fields a list of dicts, one output each, every weight split alike);
     dim: split_dim of the fields, read when the layer is built. dim 0 (column-parallel): each
     device makes its rows of the output. dim 1 (row-parallel, whole blocks): each device
     multiplies its slice of x by its blocks and the partial sums are added (psum).
@@ -248,7 +249,8 @@ def shard_qmatmul(qmatmul_fn, dim: int | None, mesh: Mesh | None = None):
             y = qmatmul_fn(x, fields, qtype, cols if dim == 0 else cols // tp, **static)
             return y if dim == 0 else jax.lax.psum(y, TP)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, {k: field_spec for k in fields}),
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(x_spec, jax.tree.map(lambda _: field_spec, fields)),
                              out_specs=out_spec, check_vma=False)(x, fields)
 
     return sharded

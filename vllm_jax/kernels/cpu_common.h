@@ -241,10 +241,11 @@ inline void write_t(float* y, int64_t ldy, int64_t tokens, const V (&acc)[R][NV]
 
 // -- threads: the caller and a few helpers take chunks of rows off one counter ----------------
 //
-// One step makes ~200 of these calls, each only 20-200 us of work, so waking a sleeping thread
-// for each (tens of us in a VM) would eat the gain: helpers spin (yielding the core) for a while
-// after each job and only then sleep. A second caller arriving while a job runs (several XLA
-// devices in one process) does its own job alone.
+// One step makes ~120-200 of these calls (a layer's q, k, v share one, as its gate and up do),
+// each only 20-200 us of work, so waking a sleeping thread for each (tens of us in a VM) would
+// eat the gain: helpers spin (yielding the core) for a while after each job and only then sleep.
+// A second caller arriving while a job runs (several XLA devices in one process) does its own
+// job alone.
 
 struct Job {
   std::atomic<int64_t> next{0}, done{0};
@@ -328,6 +329,23 @@ void parallel_for(int64_t n, int64_t multiple, F body) {
   const int64_t per = (n + 2 * pool.threads() - 1) / (2 * pool.threads());
   const int64_t step = std::max<int64_t>(1, (per + multiple - 1) / multiple) * multiple;
   pool.run((n + step - 1) / step, [=](int64_t c) { body(c * step, std::min(n, (c + 1) * step)); });
+}
+
+// body(i, n0, n1) over rows [0, rows[i]) of several problems (one x times several weights) in
+// one parallel_for: one hand-off to the helpers and one wait for them instead of one a problem.
+// Each problem's rows start at a multiple of `multiple` of the joint range.
+template <typename F>
+void parallel_for_each(const std::vector<int64_t>& rows, int64_t multiple, F body) {
+  std::vector<int64_t> start(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i)
+    start[i + 1] = start[i] + (rows[i] + multiple - 1) / multiple * multiple;
+  parallel_for(start.back(), multiple, [&](int64_t v0, int64_t v1) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t n0 = std::max<int64_t>(0, v0 - start[i]);
+      const int64_t n1 = std::min(rows[i], v1 - start[i]);
+      if (n0 < n1) body(i, n0, n1);
+    }
+  });
 }
 
 }  // namespace vllm_jax

@@ -1,6 +1,7 @@
 // Dense matmul with 16-bit weights kept as they are in memory, an XLA FFI custom call (built by
 // kernels/cpu.py):
-//   vllm_jax_dense_matmul  x [T, K] f32|bf16|f16, w [N, K] bf16|f16|f32 -> y f32 [T, N] = x . w^T
+//   vllm_jax_dense_matmul  x [T, K] f32|bf16|f16, weights w_i [N_i, K] of one dtype, bf16|f16|f32
+//                          -> y_i f32 [T, N_i] = x . w_i^T
 //
 // XLA's CPU dot runs a decode step's bfloat16 operands 3-25x slower than float32 ones, and a
 // float32 copy of the weights would double the bytes a decode step streams. Here each weight is
@@ -237,11 +238,22 @@ void rows_of(const Dense& p, int64_t n0, int64_t n1) {
 
 constexpr int64_t kSliceTokens = 128;  // tokens per pass over the weights (4% faster than 64)
 
+struct Weight {  // one weight [rows, cols] of a call and its output y [tokens, rows]
+  const void* w;
+  float* y;
+  int64_t rows;
+};
+
+// ws[i].y = x . w_i^T for each weight (all of type W): x packed once, one parallel_for over
+// every weight's rows
 template <int G, typename W, typename X>
-void dense(const W* w, const X* x, float* y, int64_t tokens, int64_t rows, int64_t cols) {
+void dense(const std::vector<Weight>& ws, const X* x, int64_t tokens, int64_t cols) {
   thread_local std::vector<float> xbuf;  // the caller's: the helpers see it through p.x
+  std::vector<Dense> ps(ws.size());
+  std::vector<int64_t> rows;
+  for (const Weight& w : ws) rows.push_back(w.rows);
   for (int64_t t0 = 0; t0 < tokens; t0 += kSliceTokens) {
-    Dense p{w, nullptr, y + t0 * rows, std::min(kSliceTokens, tokens - t0), 0, rows, cols,
+    Dense p{nullptr, nullptr, nullptr, std::min(kSliceTokens, tokens - t0), 0, 0, cols,
             (cols + G * L - 1) / (G * L) * L};
     const X* xs = x + t0 * cols;
     if (p.tokens <= kFewTokens) {  // [tokens, kq]
@@ -263,15 +275,20 @@ void dense(const W* w, const X* x, float* y, int64_t tokens, int64_t rows, int64
         }
     }
     p.x = xbuf.data();
-    parallel_for(rows, kRows, [&p](int64_t n0, int64_t n1) { rows_of<G, W>(p, n0, n1); });
+    for (size_t i = 0; i < ws.size(); ++i) {
+      ps[i] = p;
+      ps[i].w = ws[i].w, ps[i].y = ws[i].y + t0 * ws[i].rows, ps[i].rows = ws[i].rows;
+    }
+    parallel_for_each(rows, kRows,
+                      [&](size_t i, int64_t n0, int64_t n1) { rows_of<G, W>(ps[i], n0, n1); });
   }
 }
 
 template <int G, typename W>
-bool with_x(const ffi::AnyBuffer& x, const W* w, float* y, int64_t rows) {
+bool with_x(const ffi::AnyBuffer& x, const std::vector<Weight>& ws) {
   const int64_t tokens = x.dimensions()[0], cols = x.dimensions()[1];
   const void* xd = x.untyped_data();
-  auto run = [&](auto* xp) { dense<G>(w, xp, y, tokens, rows, cols); };
+  auto run = [&](auto* xp) { dense<G, W>(ws, xp, tokens, cols); };
   switch (x.element_type()) {  // pairs (G = 2): bfloat16 activations only
     case ffi::DataType::BF16: return run(static_cast<const bfloat16*>(xd)), true;
     case ffi::DataType::F32: if constexpr (G == 1) return run(static_cast<const float*>(xd)), true;
@@ -280,24 +297,38 @@ bool with_x(const ffi::AnyBuffer& x, const W* w, float* y, int64_t rows) {
   }
 }
 
-ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("vllm_jax_dense_matmul: x [T, K] and w [N, K] expected");
-  const void* wp = w.untyped_data();
-  float* yp = y->typed_data();
-  bool ok = false;
-  switch (w.element_type()) {
+ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets ys) {
+  const auto xd = x.dimensions();
+  std::vector<Weight> ws;
+  ffi::DataType wt = ffi::DataType::INVALID;
+  bool ok = xd.size() == 2 && args.size() == ys.size() && !args.empty();
+  for (size_t i = 0; ok && i < args.size(); ++i) {
+    auto w = args.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    ok = !w.has_error() && !y.has_error() && w->dimensions().size() == 2 &&
+         w->dimensions()[1] == xd[1] && (i == 0 || w->element_type() == wt) &&
+         (*y)->dimensions().size() == 2 && (*y)->dimensions()[0] == xd[0] &&
+         (*y)->dimensions()[1] == w->dimensions()[0];
+    if (ok) {
+      wt = w->element_type();
+      ws.push_back({w->untyped_data(), (*y)->typed_data(), w->dimensions()[0]});
+    }
+  }
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "vllm_jax_dense_matmul: x [T, K] and weights [N_i, K] of one dtype expected");
+  ok = false;
+  switch (wt) {
     case ffi::DataType::BF16:
       if constexpr (kBf16Dot)
         if (x.element_type() == ffi::DataType::BF16) {
-          ok = with_x<2>(x, static_cast<const bfloat16*>(wp), yp, wd[0]);
+          ok = with_x<2, bfloat16>(x, ws);
           break;
         }
-      ok = with_x<1>(x, static_cast<const bfloat16*>(wp), yp, wd[0]);
+      ok = with_x<1, bfloat16>(x, ws);
       break;
-    case ffi::DataType::F16: ok = with_x<1>(x, static_cast<const half*>(wp), yp, wd[0]); break;
-    case ffi::DataType::F32: ok = with_x<1>(x, static_cast<const float*>(wp), yp, wd[0]); break;
+    case ffi::DataType::F16: ok = with_x<1, half>(x, ws); break;
+    case ffi::DataType::F32: ok = with_x<1, float>(x, ws); break;
     default: break;
   }
   if (!ok) return ffi::Error::InvalidArgument("vllm_jax_dense_matmul: unsupported dtypes");
@@ -309,5 +340,5 @@ ffi::Error DenseMatmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_dense_matmul, DenseMatmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());

@@ -1,7 +1,8 @@
 // GGUF-quantized matmul with int8 activations and integer dot products, an XLA FFI custom call
 // (built by kernels/cpu.py beside cpu_qmatmul.cc, which keeps the float32 path):
-//   vllm_jax_q8dot  x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
-//                   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)
+//   vllm_jax_q8dot  x f32 [T, cols], the fields of weights 0, 1, ... -> y_i f32 [T, rows_i]
+//                   (x . W_i^T); attrs qtypes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K),
+//                   counts (fields a weight)
 //
 // Each call first quantizes x per 32 elements: d = max|x| / 127, q = round(x / d) in -127..127,
 // and the sums d * sum(q) over each 16. Every weight type is read as unsigned bytes u (0..255)
@@ -445,33 +446,39 @@ void many_rows(const Problem& p, int64_t n0, int64_t n1) {
 
 constexpr int64_t kSliceTokens = 256;  // tokens per pass over the weights (their q in L2)
 
-ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> y,
-                 int64_t qtype) {
-  Problem whole{};
-  int64_t experts;
-  const QType t = QType(qtype);
+// ws[i].y = x . W_i^T for each weight: x is quantized once and one parallel_for covers every
+// weight's rows
+ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets ys,
+                 ffi::Span<const int64_t> qtypes, ffi::Span<const int64_t> counts) {
   const int64_t tokens = x.dimensions()[0], cols = x.dimensions()[1];
-  const bool ok = dispatch(t, [](auto) {}) && cols % block_elems(t) == 0 &&
-                  read_fields(args, 0, 2, &whole.f, &experts, &whole.rows);
+  std::vector<Weight> ws;
+  bool ok = read_weights(args, ys, qtypes, counts, tokens, &ws);
+  for (const Weight& w : ws) ok = ok && dispatch(w.t, [](auto) {}) && cols % block_elems(w.t) == 0;
   if (!ok) return ffi::Error::InvalidArgument("vllm_jax_q8dot: bad type or weight fields");
-  whole.nb = cols / block_elems(t), whole.nj = cols / 32;
+  std::vector<Problem> probs;
+  std::vector<int64_t> rows;
+  for (const Weight& w : ws) {
+    Problem p{};
+    p.f = w.f, p.rows = w.rows, p.nb = cols / block_elems(w.t), p.nj = cols / 32;
+    probs.push_back(p), rows.push_back(w.rows);
+  }
   thread_local QuantX qx;
   for (int64_t s0 = 0; s0 < tokens; s0 += kSliceTokens) {
-    Problem p = whole;
-    p.tokens = std::min(kSliceTokens, tokens - s0);
-    p.y = y->typed_data() + s0 * p.rows;
-    p.x = &qx;
+    const int64_t n = std::min(kSliceTokens, tokens - s0);
+    for (size_t i = 0; i < ws.size(); ++i)
+      probs[i].tokens = n, probs[i].x = &qx, probs[i].y = ws[i].y + s0 * rows[i];
     const float* xs = x.typed_data() + s0 * cols;
-    const bool few = p.tokens <= kFewTokens;
-    qx.resize(p.tokens, cols, !few);
+    const bool few = n <= kFewTokens;
+    qx.resize(n, cols, !few);
     QuantX* q = &qx;
     // a decode batch's few rows on this thread alone: a second hand-off to the helpers per call
     // costs more than quantizing them (~1 us a token) where the cores are shared
-    parallel_for(p.tokens, 64, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
-    dispatch(t, [&](auto* tag) {
-      using D = std::remove_pointer_t<decltype(tag)>;
-      static_assert(kFewTokens == 4, "few_rows takes 1..4 tokens");
-      parallel_for(p.rows, kRows, [&p, few](int64_t n0, int64_t n1) {
+    parallel_for(n, 64, [=](int64_t a, int64_t b) { quantize_rows(xs, a, b, q); });
+    static_assert(kFewTokens == 4, "few_rows takes 1..4 tokens");
+    parallel_for_each(rows, kRows, [&](size_t i, int64_t n0, int64_t n1) {
+      const Problem& p = probs[i];
+      dispatch(ws[i].t, [&](auto* tag) {
+        using D = std::remove_pointer_t<decltype(tag)>;
         if (!few) return many_rows<D>(p, n0, n1);
         switch (p.tokens) {
           case 1: return few_rows<D, 1>(p, n0, n1);
@@ -491,5 +498,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_q8dot, Q8Dot,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype"));
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
+                                  .Attr<ffi::Span<const int64_t>>("counts"));

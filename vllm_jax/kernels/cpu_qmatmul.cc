@@ -10,7 +10,8 @@
 //
 // The targets read the fields of kernels/quant.py's `repack` layout ([rows, ...] arrays, or E
 // experts stacked as [E, rows, ...], passed in the order of FIELDS in kernels/cpu.py):
-//   vllm_jax_qmatmul          x f32 [T, cols], fields... -> y f32 [T, rows]; attr qtype
+//   vllm_jax_qmatmul          x f32 [T, cols], the fields of weights 0, 1, ... -> y_i f32
+//                             [T, rows_i] (x . W_i^T); attrs qtypes, counts (fields a weight)
 //   vllm_jax_grouped_qmatmul  x f32 [T, cols] (rows sorted by expert), group_sizes i32 [E],
 //                             fields... [E, rows, ...] -> y f32 [T, rows] (0 past the groups)
 #include "cpu_fields.h"
@@ -494,35 +495,43 @@ void transpose(const float* x, int64_t tokens, int64_t cols, int64_t padded_toke
     }
 }
 
-// y [tokens, rows] = x [tokens, cols] . W^T for the packed rows in `whole` (t, f, rows set)
-void qmatmul(Problem whole, const float* x, int64_t tokens, int64_t cols, float* y) {
-  const int64_t rows = whole.rows;
-  whole.cols = cols, whole.nb = cols / block_elems(whole.t);
+// ws[i].y [tokens, rows] = x [tokens, cols] . W_i^T for each weight: x is transposed once and
+// one parallel_for covers every weight's rows
+void qmatmul(const std::vector<Weight>& ws, const float* x, int64_t tokens, int64_t cols) {
+  std::vector<Problem> probs;
+  std::vector<int64_t> rows;
+  for (const Weight& w : ws) {
+    Problem p{};
+    p.t = w.t, p.f = w.f, p.rows = w.rows, p.cols = cols, p.nb = cols / block_elems(w.t);
+    probs.push_back(p), rows.push_back(w.rows);
+  }
   thread_local std::vector<float> xt;
   // Many tokens (a prefill) go in slices: each dequantizes the weights again (~7% of the work
   // at 64 tokens), which beats materializing a float32 copy of every weight per step
   for (int64_t t0 = 0; t0 < tokens; t0 += kSliceTokens) {
-    Problem p = whole;
-    p.tokens = std::min(kSliceTokens, tokens - t0);
-    p.x = x + t0 * p.cols, p.y = y + t0 * rows;
-    p.padded_tokens = (p.tokens + L - 1) / L * L;
-    if (p.tokens > kFewTokens) {
-      xt.resize(p.cols * p.padded_tokens);
-      transpose(p.x, p.tokens, p.cols, p.padded_tokens, xt.data());
-      p.xt = xt.data();
+    const int64_t n = std::min(kSliceTokens, tokens - t0), padded = (n + L - 1) / L * L;
+    if (n > kFewTokens) {
+      xt.resize(cols * padded);
+      transpose(x + t0 * cols, n, cols, padded, xt.data());
     }
-    parallel_for(rows, kPanel, [&p](int64_t n0, int64_t n1) { matmul_rows(p, n0, n1); });
+    for (size_t i = 0; i < ws.size(); ++i) {
+      Problem& p = probs[i];
+      p.tokens = n, p.padded_tokens = padded;
+      p.x = x + t0 * cols, p.xt = n > kFewTokens ? xt.data() : nullptr;
+      p.y = ws[i].y + t0 * p.rows;
+    }
+    parallel_for_each(rows, kPanel,
+                      [&](size_t i, int64_t n0, int64_t n1) { matmul_rows(probs[i], n0, n1); });
   }
 }
 
-ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t qtype) {
-  Problem whole{};
-  whole.t = QType(qtype);
-  int64_t experts;
-  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, 2, &whole.f, &experts, &whole.rows))
+ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets ys,
+                   ffi::Span<const int64_t> qtypes, ffi::Span<const int64_t> counts) {
+  const int64_t tokens = x.dimensions()[0], cols = x.dimensions()[1];
+  std::vector<Weight> ws;
+  if (!read_weights(args, ys, qtypes, counts, tokens, &ws))
     return ffi::Error::InvalidArgument("vllm_jax_qmatmul: bad quantized weight fields");
-  qmatmul(whole, x.typed_data(), x.dimensions()[0], x.dimensions()[1], y->typed_data());
+  qmatmul(ws, x.typed_data(), tokens, cols);
   return ffi::Error::Success();
 }
 
@@ -543,7 +552,8 @@ ffi::Error GroupedQMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_s
   Problem whole{};
   whole.t = QType(qtype);
   int64_t experts;
-  if (qtype < Q4_0 || qtype > Q6_K || !read_fields(args, 0, 3, &whole.f, &experts, &whole.rows) ||
+  if (qtype < Q4_0 || qtype > Q6_K ||
+      !read_fields(args, 0, 0, 3, &whole.f, &experts, &whole.rows) ||
       experts != int64_t(group_sizes.element_count()))
     return ffi::Error::InvalidArgument("vllm_jax_grouped_qmatmul: bad quantized weight fields");
   const int64_t tokens = x.dimensions()[0], rows = whole.rows;
@@ -604,8 +614,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_qmatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype"));
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
+                                  .Attr<ffi::Span<const int64_t>>("counts"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(vllm_jax_grouped_qmatmul, GroupedQMatmul,
                               ffi::Ffi::Bind()

@@ -253,6 +253,19 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
     return y.astype(x.dtype).reshape(*x.shape[:-1], rows)
 
 
+def qmatmul_many(x: jax.Array, fields: list[dict], qtypes: list[str], cols: int, *,
+                 backend: str = "auto", activations: str = "f32") -> list[jax.Array]:
+    """[qmatmul(x, f, q, cols, ...) for f, q in zip(fields, qtypes)], bit-identical; on the cpu
+    backend in one kernel call (cpu.qmatmul_many), elsewhere one by one."""
+    if kernel_backend.resolve(backend) != "cpu":
+        return [qmatmul(x, f, q, cols, backend=backend, activations=activations)
+                for f, q in zip(fields, qtypes)]
+    from vllm_jax.kernels import cpu
+
+    ys = cpu.qmatmul_many(x.reshape(-1, cols), list(zip(fields, qtypes)), activations)
+    return [y.astype(x.dtype).reshape(*x.shape[:-1], -1) for y in ys]
+
+
 def _fused_qmatmul(*args, **kwargs):
     from vllm_jax.kernels.quant_pallas import fused_qmatmul  # Pallas only where it runs
 

@@ -11,6 +11,8 @@ as the engine does, or cache-free (tokens [B, L], CacheFree), as `vllm_jax.forwa
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Mapping, NamedTuple
 
 import jax
@@ -86,36 +88,73 @@ class Linear(nnx.Module):
                 qmatmul = parallel.shard_qmatmul(qmatmul, self.tp_dim)
             y = qmatmul(x, self.fields(), self.qtype, self.cols, backend=self.backend,
                         activations=self.activations).astype(x.dtype)
+        return self.add_bias(y)
+
+    def add_bias(self, y):
         return y if self.bias is None else y + self.bias[...]
+
+
+def linears(mods: list[Linear], x) -> list:
+    """[m(x) for m in mods], bit-identical; on the cpu backend weights alike (all packed, or all
+    dense [out, in] of one dtype; the same activations, cols and tensor-parallel split) in one
+    kernel call (x read, or quantized, once and one pass of the helper threads over all their
+    rows): a layer's q, k, v or gate, up."""
+    m0 = mods[0]
+    dense = m0.qtype is None
+
+    def key(m):
+        w = m.weight[...] if dense else None
+        return (m.qtype is None, w is None or (w.ndim, w.dtype), m.backend, m.activations,
+                m.cols, m.tp_dim)
+
+    if (kernel_backend.resolve(m0.backend) != "cpu" or (dense and m0.weight[...].ndim != 2) or
+            any(key(m) != key(m0) for m in mods)):
+        return [m(x) for m in mods]
+    if dense:
+        kernel, fields, static = _dense_kernels, [{"w": m.weight[...]} for m in mods], {}
+    else:
+        kernel, fields = quant.qmatmul_many, [m.fields() for m in mods]
+        static = dict(backend=m0.backend, activations=m0.activations)
+    ys = parallel.shard_qmatmul(kernel, m0.tp_dim)(x, fields, [m.qtype for m in mods], m0.cols,
+                                                   **static)
+    return [m.add_bias(y.astype(x.dtype)) for m, y in zip(mods, ys)]
 
 
 def _dense_kernel(x, fields, qtype, cols):
     """The C++ kernel for dense weights (float32, or 16-bit widened in registers): float32
     sums. XLA's CPU dots are 2-3x slower at decode in float32 and 10-30x in bf16."""
-    return dense_matmul(x.reshape(-1, cols), fields["w"]).reshape(*x.shape[:-1], -1)
+    return _dense_kernels(x, [fields], [qtype], cols)[0]
+
+
+def _dense_kernels(x, fields: list, qtypes, cols) -> list:
+    """_dense_kernel of each {"w": w} in fields, in one kernel call."""
+    ys = dense_matmuls(x.reshape(-1, cols), tuple(f["w"] for f in fields))
+    return [y.reshape(*x.shape[:-1], -1) for y in ys]
 
 
 @jax.custom_vjp
-def dense_matmul(x2, w):
-    """x2 [T, in] @ w.T by the C++ kernel, differentiable (the gradients are XLA dots), so
-    `jax.grad` through forward_logits works on the CPU too."""
+def dense_matmuls(x2, ws: tuple) -> tuple:
+    """x2 [T, in] @ w.T for each w [out, in] by the C++ kernel (one call), differentiable (the
+    gradients are XLA dots), so `jax.grad` through forward_logits works on the CPU too."""
     from vllm_jax.kernels import cpu
 
-    return cpu.dense_matmul(x2, w)
+    return tuple(cpu.dense_matmul_many(x2, list(ws)))
 
 
-def _dense_fwd(x2, w):
-    return dense_matmul(x2, w), (x2, w)
+def _dense_fwd(x2, ws):
+    return dense_matmuls(x2, ws), (x2, ws)
 
 
-def _dense_bwd(saved, g):  # g [T, out]
-    x2, w = saved
-    gx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (0,)), ((), ())))
-    gw = jax.lax.dot_general(g, x2.astype(g.dtype), (((0,), (0,)), ((), ())))
-    return gx.astype(x2.dtype), gw.astype(w.dtype)
+def _dense_bwd(saved, gs):  # gs: [T, out] each
+    x2, ws = saved
+    gx = functools.reduce(operator.add, [jax.lax.dot_general(
+        g, w.astype(g.dtype), (((1,), (0,)), ((), ()))) for g, w in zip(gs, ws)])
+    gws = tuple(jax.lax.dot_general(g, x2.astype(g.dtype), (((0,), (0,)), ((), ())))
+                .astype(w.dtype) for g, w in zip(gs, ws))
+    return gx.astype(x2.dtype), gws
 
 
-dense_matmul.defvjp(_dense_fwd, _dense_bwd)
+dense_matmuls.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Embedding(nnx.Module):
@@ -224,9 +263,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, kv, meta, decode: bool):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k, v = linears([self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -269,7 +309,8 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears([self.gate_proj, self.up_proj], x)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
 class Experts(Linear):
