@@ -272,3 +272,40 @@ def test_half_caches_are_read_as_float32(dtype):
     with pytest.raises(ValueError, match="cache dtype"):
         pa.decode(args[0], *(a.astype(jnp.int8) for a in half), *args[3:], scale=SCALE,
                   backend="cpu")
+
+@pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.float16, None),
+                                          (jnp.bfloat16, 1500)])
+def test_long_contexts_split_into_spans(dtype, window):
+    """Contexts of 1-9k keys: several 512-key spans, each span's partial softmax merged by its
+    log-sum-exp. The decode call (few rows: (row, KV head, span) items shared by the threads)
+    against the float64 softmax and XLA's unsplit float32 reference; the same rows in a ragged
+    call beside a 600-token prompt chunk (many rows: a thread takes whole rows) give the same
+    bits, as does each row decoded alone (one thread's share of the spans changes with the batch)."""
+    lens = np.array([9000, 1024, 0, 4097, 513, 2000], np.int32)  # 0: a padding row
+    q, k, v, tables, lens = decode_case(21, 3, 3, 64, 16, lens)
+    k, v = (jnp.asarray(a, dtype) for a in (k, v))  # NaN outside the contexts stays NaN
+    static = dict(scale=SCALE, sliding_window=window)
+    got = np.asarray(cpu.decode_attention(jnp.asarray(q), k, v, jnp.asarray(tables),
+                                          jnp.asarray(lens), **static))
+    k32, v32 = (np.asarray(a, np.float32) for a in (k, v))
+    dense = dense_attention(q, k32, v32, tables, lens, np.arange(len(lens)), lens - 1, window)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
+    xla = pa.decode_attention(*map(jnp.asarray, (q, k32, v32, tables, lens)), **static)
+    np.testing.assert_allclose(got, np.asarray(xla), rtol=1e-5, atol=1e-5)
+    assert np.all(got[lens == 0] == 0)
+
+    chunk = np.arange(1400, 2000, dtype=np.int32)  # the last row's prompt, its final 600 tokens
+    seq_idx = np.concatenate([np.arange(len(lens), dtype=np.int32), np.full(600, 5, np.int32)])
+    positions = np.concatenate([lens - 1, chunk])
+    qr = np.concatenate([q, np.random.default_rng(22).standard_normal((600, 9, 64))]).astype(
+        np.float32)
+    ragged = np.asarray(cpu.ragged_attention(
+        jnp.asarray(qr), k, v, *map(jnp.asarray, (seq_idx, positions, tables, lens)), **static))
+    np.testing.assert_array_equal(ragged[:len(lens)], got)
+    dense = dense_attention(qr[-600:], k32, v32, tables, lens, seq_idx[-600:], chunk, window)
+    np.testing.assert_allclose(ragged[-600:], dense, rtol=1e-5, atol=1e-5)
+    for row in (0, 3):
+        alone = cpu.decode_attention(jnp.asarray(q[row:row + 1]), k, v,
+                                     jnp.asarray(tables[row:row + 1]), jnp.asarray(lens[row:row + 1]),
+                                     **static)
+        np.testing.assert_array_equal(np.asarray(alone)[0], got[row])
