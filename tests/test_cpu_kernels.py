@@ -318,6 +318,10 @@ def test_long_contexts_split_into_spans(dtype, window):
     np.testing.assert_array_equal(ragged[:len(lens)], got)
     dense = dense_attention(qr[-600:], k32, v32, tables, lens, seq_idx[-600:], chunk, window)
     np.testing.assert_allclose(ragged[-600:], dense, rtol=1e-5, atol=1e-5)
+    pick = np.array([0, 1, 299, 599])  # chunk tokens as decode rows: the same bits
+    rows = cpu.decode_attention(*map(jnp.asarray, (qr[-600:][pick], k, v, tables[[5] * 4],
+                                                   chunk[pick] + 1)), **static)
+    np.testing.assert_array_equal(np.asarray(rows), ragged[-600:][pick])
     for r in (0, 3):
         alone = cpu.decode_attention(*map(jnp.asarray, (q[r:r + 1], k, v, tables[r:r + 1],
                                                         lens[r:r + 1])), **static)
