@@ -279,7 +279,7 @@ def test_half_caches_are_read_as_float32(dtype):
         pa.decode(args[0], *(a.astype(jnp.int8) for a in half), *args[3:], scale=SCALE,
                   backend="cpu")
 
-LONG = [9000, 1024, 0, 4097, 513, 2000]  # 1-18 spans of 512 keys; 0: a padding row
+LONG = [9000, 1024, 0, 4097, 1025, 2000]  # 1-9 spans of 1024 keys; 0: a padding row
 
 
 def _long_decode(dtype, window):
@@ -294,7 +294,7 @@ def _long_decode(dtype, window):
 @pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.float16, None),
                                           (jnp.bfloat16, 1500)])
 def test_long_contexts_split_into_spans(dtype, window):
-    """Contexts of 1-9k keys: several 512-key spans, each span's partial softmax merged by its
+    """Contexts of 1-9k keys: several 1024-key spans, each span's partial softmax merged by its
     log-sum-exp. The decode call (few rows: (row, KV head, span) items shared by the threads)
     against the float64 softmax and XLA's unsplit float32 reference; the same rows in a ragged
     call beside a 600-token prompt chunk (many rows: a thread takes 16 rows span by span) give

@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="prompt chunk tokens (0: no prefill)")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall time")
+    ap.add_argument("--shuffled-pages", action="store_true",
+                    help="a sequence's pages in random order (the engine hands out free pages "
+                         "in order: a fresh sequence's are consecutive)")
     args = ap.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
     rng = np.random.default_rng(0)
@@ -69,7 +72,8 @@ def main():
         shape = (kvh, pages + 1, ps, hd)
         ks, vs = ([jnp.asarray(rng.standard_normal(shape), DTYPES[args.dtype])
                    for _ in range(args.layers)] for _ in range(2))
-        tables = jnp.asarray(np.stack([rng.permutation(pages), np.zeros(pages, int)]), jnp.int32)
+        order = rng.permutation(pages) if args.shuffled_pages else np.arange(pages)
+        tables = jnp.asarray(np.stack([order, np.zeros(pages, int)]), jnp.int32)
         lens = jnp.asarray([ctx, 0], jnp.int32)  # a padding row, as a 1-sequence decode step
         kv_bytes = 2 * args.layers * kvh * ctx * hd * ks[0].dtype.itemsize
         q = jnp.asarray(rng.standard_normal((2, args.heads, hd)), jnp.float32)
