@@ -103,7 +103,7 @@ inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h
 }
 
 // A row's context (from its window's first key) is cut into spans of kSpan keys at fixed offsets
-// (shorter spans cost more: 512-key spans took ~15% more CPU than one pass at 8k keys, 1024 ~4%).
+// (shorter spans cost more: 512-key spans took ~15% more CPU than one pass at 8k keys, 1024 4-8%).
 // Each span gives a partial: per head g of the group, m[g] its highest score, l[g] its sum of
 // exp(score - m[g]) and acc[g] = sum_j exp(score_j - m[g]) v_j; the partials are merged in span
 // order by merge_into, whichever thread computed them. So a row's result depends on its context
