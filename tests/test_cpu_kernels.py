@@ -4,6 +4,11 @@ float64 product, and paged decode attention against the XLA reference and a floa
 with NaN in every cache slot outside a sequence's context."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,7 @@ from vllm_jax.kernels.quant import QTYPES, qmatmul, quantize, repack
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 ALL = list(QTYPES)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _case(qtype, rows, seed):
@@ -311,3 +317,64 @@ def test_half_caches_are_read_as_float32(dtype):
     with pytest.raises(ValueError, match="cache dtype"):
         pa.decode(args[0], *(a.astype(jnp.int8) for a in half), *args[3:], scale=SCALE,
                   backend="cpu")
+
+LONG = [9000, 1024, 0, 4097, 1025, 2000]  # 1-9 spans of 1024 keys; 0: a padding row
+
+
+def _long_decode(dtype, window):
+    """The long-context decode case -> (inputs, the decode kernel's output)."""
+    q, k, v, tables, lens = decode_case(21, 3, 3, 64, 16, LONG)
+    k, v = (jnp.asarray(a, dtype) for a in (k, v))  # NaN outside the contexts stays NaN
+    out = cpu.decode_attention(jnp.asarray(q), k, v, jnp.asarray(tables), jnp.asarray(lens),
+                               scale=SCALE, sliding_window=window)
+    return (q, k, v, tables, lens), np.asarray(out)
+
+
+@pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.float16, None),
+                                          (jnp.bfloat16, 1500)])
+def test_long_contexts_split_into_spans(dtype, window):
+    """Contexts of 1-9k keys: several 1024-key spans, each span's partial softmax merged by its
+    log-sum-exp. The decode call (few rows: (row, KV head, span) items shared by the threads)
+    against the float64 softmax and XLA's unsplit float32 reference; the same rows in a ragged
+    call beside a 600-token prompt chunk (many rows: a thread takes 16 rows span by span) give
+    the same bits, as does each row decoded alone (the threads' shares of its spans change)."""
+    (q, k, v, tables, lens), got = _long_decode(dtype, window)
+    static = dict(scale=SCALE, sliding_window=window)
+    k32, v32 = (np.asarray(a, np.float32) for a in (k, v))
+    dense = dense_attention(q, k32, v32, tables, lens, np.arange(len(lens)), lens - 1, window)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
+    xla = pa.decode_attention(*map(jnp.asarray, (q, k32, v32, tables, lens)), **static)
+    np.testing.assert_allclose(got, np.asarray(xla), rtol=1e-5, atol=1e-5)
+    assert np.all(got[lens == 0] == 0)
+
+    chunk = np.arange(1400, 2000, dtype=np.int32)  # the last row's prompt, its final 600 tokens
+    seq_idx = np.concatenate([np.arange(len(lens), dtype=np.int32), np.full(600, 5, np.int32)])
+    positions = np.concatenate([lens - 1, chunk])
+    qr = np.concatenate([q, np.random.default_rng(22).standard_normal((600, 9, 64))]).astype(
+        np.float32)
+    ragged = np.asarray(cpu.ragged_attention(
+        jnp.asarray(qr), k, v, *map(jnp.asarray, (seq_idx, positions, tables, lens)), **static))
+    np.testing.assert_array_equal(ragged[:len(lens)], got)
+    dense = dense_attention(qr[-600:], k32, v32, tables, lens, seq_idx[-600:], chunk, window)
+    np.testing.assert_allclose(ragged[-600:], dense, rtol=1e-5, atol=1e-5)
+    pick = np.array([0, 1, 299, 599])  # chunk tokens as decode rows: the same bits
+    rows = cpu.decode_attention(*map(jnp.asarray, (qr[-600:][pick], k, v, tables[[5] * 4],
+                                                   chunk[pick] + 1)), **static)
+    np.testing.assert_array_equal(np.asarray(rows), ragged[-600:][pick])
+    for r in (0, 3):
+        alone = cpu.decode_attention(*map(jnp.asarray, (q[r:r + 1], k, v, tables[r:r + 1],
+                                                        lens[r:r + 1])), **static)
+        np.testing.assert_array_equal(np.asarray(alone)[0], got[r])
+
+
+def test_long_contexts_do_not_depend_on_the_thread_count(tmp_path):
+    """The same long-context decode with one kernel thread (a fresh process) gives the same bits
+    as with every core: each span's partial and the merge order are fixed by the context."""
+    _, got = _long_decode(jnp.float16, None)
+    script = ("import sys, numpy as np, jax.numpy as jnp; sys.path.insert(0, 'tests'); "
+              "from test_cpu_kernels import _long_decode; "
+              f"np.save({str(tmp_path / 'one.npy')!r}, _long_decode(jnp.float16, None)[1])")
+    env = dict(os.environ, VLLM_JAX_CPU_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), got)
