@@ -59,26 +59,28 @@ constexpr int kTileTokens = 6;  // many tokens: 24 of the 32 vector registers ac
 constexpr int kTileTokens = 2;
 #endif
 
-// x [tokens, cols] quantized per 32, for few tokens token by token (q, d8, s16, s32), for many
-// in the tiles' order: the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left)
-// at q + t0 * cols as [32-block j][4 bytes g][n][4] (a tile reads one stream, each 4 bytes its
-// broadcast), and their scales and sums at s + 4 * t0 * nj as [j][d, s32, s16 x 2][n]
+// x [tokens, cols] quantized per 32, each block's scale d and sums d * sum(q) over its 32 and
+// each 16 (the "sums": d, s32, s16, s16'). For few tokens token by token: q at t * cols, the
+// sums at s + 4 * t * nj8 as [d, s32, s16, s16'][nj8] (nj rounded up to 8 blocks, the rest 0:
+// the row path reads 8 blocks' at once). For many in the tiles' order: the tokens [t0, t0 + n)
+// of a tile (n = kTileTokens, or what is left) at q + t0 * cols as [32-block j][4 bytes g][n][4]
+// (a tile reads one stream, each 4 bytes its broadcast), their sums at s + 4 * t0 * nj as
+// [j][d, s32, s16, s16'][n]
 struct QuantX {
-  int64_t tokens = 0, cols = 0, nj = 0;
+  int64_t tokens = 0, cols = 0, nj = 0, nj8 = 0;
   bool tiles = false;
   std::vector<int8_t> q;
-  std::vector<float> s, d8, s16, s32;  // s: the tiles'; d8: each scale 8 times (a vector's lanes)
+  std::vector<float> s;
 
   void resize(int64_t t, int64_t c, bool tiled) {
-    tokens = t, cols = c, nj = c / 32, tiles = tiled;
+    tokens = t, cols = c, nj = c / 32, nj8 = (nj + 7) / 8 * 8, tiles = tiled;
     q.resize(t * c);
     if (tiles) return s.resize(4 * t * nj);
-    d8.resize(8 * t * nj), s16.resize(2 * t * nj), s32.resize(t * nj);
+    s.assign(4 * t * nj8, 0.f);
   }
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
-  const float* dx8(int64_t t, int64_t j) const { return d8.data() + 8 * (t * nj + j); }
-  float sum16(int64_t t, int64_t h) const { return s16[t * 2 * nj + h]; }
-  float sum32(int64_t t, int64_t j) const { return s32[t * nj + j]; }
+  // sums(t, j)[k * nj8]: the d, s32, s16, s16' (k = 0..3) of token t's block j
+  const float* sums(int64_t t, int64_t j) const { return s.data() + 4 * t * nj8 + j; }
   const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
   const float* tile_s(int64_t t0) const { return s.data() + 4 * t0 * nj; }
 };
@@ -119,20 +121,20 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       alignas(32) int8_t q[32];
       int32_t s[2];
       const float d = quantize_block(x + t * cols + 32 * j, q, s);
-      const float sums[3] = {d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      const float sums[4] = {d, d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      float* st;
+      int64_t stride;
       if (!qx->tiles) {
         std::memcpy(qx->q.data() + t * cols + 32 * j, q, 32);
-        const int64_t i = t * nj + j;
-        qx->s32[i] = sums[0], qx->s16[2 * i] = sums[1], qx->s16[2 * i + 1] = sums[2];
-        store(qx->d8.data() + 8 * i, splat(d));
-        continue;
+        st = qx->s.data() + 4 * t * qx->nj8 + j, stride = qx->nj8;
+      } else {
+        const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
+        const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
+        for (int g = 0; g < 8; ++g)
+          std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
+        st = qx->s.data() + 4 * (first * nj + j * n) + i, stride = n;
       }
-      const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
-      const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
-      for (int g = 0; g < 8; ++g)
-        std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
-      float* st = qx->s.data() + 4 * (first * nj + j * n) + i;
-      st[0] = d, st[n] = sums[0], st[2 * n] = sums[1], st[3 * n] = sums[2];
+      for (int k = 0; k < 4; ++k) st[k * stride] = sums[k];
     }
 }
 
@@ -276,34 +278,104 @@ struct Problem {
   int64_t tokens, rows, nb, nj;  // nb: weight blocks a row, nj: 32-blocks
 };
 
-// -- few tokens: a row at a time ---------------------------------------------------------------
+// -- the float sums: one order whatever the call holds ------------------------------------------
+//
+// A token's y must not depend on the tokens beside it in the call (greedy output would depend on
+// batching), so both paths below do the same float operations for each (token, row): 8 sums,
+// lane k taking the 32-blocks j = k, k + 8, ... in turn, each block adding
+//   float(q . u) * (s * d)    (kHalves: the first 16's, then the next 16's)
+//   c * (d * sum(q))          (kHalves: the first 16's, then the next 16's)
+// as multiply-adds (fused where the build has FMA), and y = lane_sum of the 8. The integer dots
+// are exact, so however a path splits q . u into lanes and instructions its value is the same.
 
-// the scale of each lane of a block's 8: a, or (kHalves) lanes 0-3 a, 4-7 b
-template <bool kHalves>
-inline f8 lane_scales(const Scales& sc) {
-  return kHalves ? f8{sc.s[0], sc.s[0], sc.s[0], sc.s[0], sc.s[1], sc.s[1], sc.s[1], sc.s[1]}
-                 : splat(sc.s[0]);
+inline f8 madd(f8 a, f8 b, f8 c) {  // a * b + c
+#if defined(__FMA__)
+  return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+#if defined(VLLM_JAX_AVX512)
+inline f32x16 madd(f32x16 a, f32x16 b, f32x16 c) {
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#endif
+
+// acc + float(dot) * (s * d)
+template <typename V, typename I>
+inline V add_dot(V acc, I dot, V s, V d) {
+  return madd(__builtin_convertvector(dot, V), s * d, acc);
 }
 
-// Row n times TT tokens. One row at a time: each field one stream (4 rows' blocks in turn, 4
-// streams a field, were 1.3x slower on the 49152-row lm_head from memory)
+// acc + the minimums' terms: c * sum32, or (kHalves) c * sum16 then c' * sum16'
+template <bool kHalves, typename V>
+inline V add_mins(V acc, V c, V c1, V sum32, V sum16, V sum16b) {
+  return kHalves ? madd(c1, sum16b, madd(c, sum16, acc)) : madd(c, sum32, acc);
+}
+
+// the 8 sums' total: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), a(k) the sum of lane k
+template <typename V, typename A>
+inline V lane_sum(A a) {
+  return ((a(0) + a(4)) + (a(2) + a(6))) + ((a(1) + a(5)) + (a(3) + a(7)));
+}
+
+// -- few tokens: a row at a time ---------------------------------------------------------------
+
+// the integer dots of 8 blocks, each in its 8 lanes of 4 bytes -> lane k: block k's dots of its
+// first 16 (lo) and next 16 weights (hi)
+inline void block_dots(const i32x8 (&v)[8], i32x8* lo, i32x8* hi) {
+#if defined(__AVX2__)
+  __m256i h[4];  // h[i]: pair sums of v[2i], v[2i + 1], interleaved per 128-bit lane
+  for (int i = 0; i < 4; ++i) h[i] = _mm256_hadd_epi32((__m256i)v[2 * i], (__m256i)v[2 * i + 1]);
+  const __m256i a = _mm256_hadd_epi32(h[0], h[1]), b = _mm256_hadd_epi32(h[2], h[3]);
+  *lo = (i32x8)_mm256_permute2x128_si256(a, b, 0x20);
+  *hi = (i32x8)_mm256_permute2x128_si256(a, b, 0x31);
+#else
+  for (int k = 0; k < 8; ++k) {
+    (*lo)[k] = v[k][0] + v[k][1] + v[k][2] + v[k][3];
+    (*hi)[k] = v[k][4] + v[k][5] + v[k][6] + v[k][7];
+  }
+#endif
+}
+
+// Row n times TT tokens, 8 blocks at a time in the 8 lanes. One row at a time: each field one
+// stream (4 rows' blocks in turn, 4 streams a field, were 1.3x slower on the 49152-row lm_head
+// from memory)
 template <typename D, int TT>
 inline void row_dots(const Problem& p, int64_t n) {
   const D row(p.f, n);
+  const int64_t nj8 = p.x->nj8;
   f8 acc[TT] = {};
-  float off[TT] = {};
+  i32x8 dots[TT][8];
+  float sc[4][8];  // the 8 blocks' s, s', c, c' (Scales)
+  auto add8 = [&](int64_t j0, int m) {  // blocks j0 .. j0 + m - 1 (m < 8: the rest 0)
+    for (int k = m; k < 8; ++k) {
+      for (int i = 0; i < 4; ++i) sc[i][k] = 0.f;
+      for (int t = 0; t < TT; ++t) dots[t][k] = i32x8{};
+    }
+    const f8 s = load<f8>(sc[0]), s1 = load<f8>(sc[1]), c = load<f8>(sc[2]), c1 = load<f8>(sc[3]);
+    for (int t = 0; t < TT; ++t) {
+      i32x8 lo, hi;
+      block_dots(dots[t], &lo, &hi);
+      const float* x = p.x->sums(t, j0);
+      const f8 d = load<f8>(x);
+      acc[t] = D::kHalves ? add_dot(add_dot(acc[t], lo, s, d), hi, s1, d)
+                          : add_dot(acc[t], lo + hi, s, d);
+      acc[t] = add_mins<D::kHalves>(acc[t], c, c1, load<f8>(x + nj8), load<f8>(x + 2 * nj8),
+                                    load<f8>(x + 3 * nj8));
+    }
+  };
   for (int64_t b = 0; b < p.nb; ++b)
-    row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
-      const f8 s = lane_scales<D::kHalves>(sc);
+    row.block(b, [&](int64_t j, u8x32 u, const Scales& w) {
+      const int k = j & 7;
+      sc[0][k] = w.s[0], sc[1][k] = w.s[1], sc[2][k] = w.c[0], sc[3][k] = w.c[1];
 #pragma GCC unroll 4
-      for (int t = 0; t < TT; ++t) {
-        const i32x8 qd = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
-        acc[t] += to_f8(qd) * (s * load<f8>(p.x->dx8(t, j)));
-        off[t] += D::kHalves ? sc.c[0] * p.x->sum16(t, 2 * j) + sc.c[1] * p.x->sum16(t, 2 * j + 1)
-                             : sc.c[0] * p.x->sum32(t, j);
-      }
+      for (int t = 0; t < TT; ++t)
+        dots[t][k] = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
+      if (k == 7) add8(j - 7, 8);
     });
-  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = hsum(acc[t]) + off[t];
+  if (p.nj % 8) add8(p.nj / 8 * 8, int(p.nj % 8));
+  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = lane_sum<float>([&](int k) { return acc[t][k]; });
 }
 
 // measured: the Q8_0 lm_head at 3-4 tokens 1.5-1.9x faster here than in tiles
@@ -367,49 +439,52 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
   }
 }
 
-// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n
+// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n: the
+// blocks j = k mod 8 for each k in turn, each (token, row) its float sum per k (see add_dot)
 template <typename D, int NT>
 inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
                  int64_t t0) {
-  RowF acc[NT][2] = {};
-  const int8_t* xq = p.x->tile_q(t0);  // [j][g][NT][4]
-  const float* xs = p.x->tile_s(t0);   // [j][d, s32, s16 x 2][NT]
-  for (int64_t j = 0; j < nj; ++j, xs += 4 * NT) {
-    const PanelBlock& pb = panel[j];
-    RowI qd[NT][2] = {};
-    auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
+  RowF sums[8][NT][2];
+  for (int k = 0; k < 8; ++k) {
+    RowF acc[NT][2] = {};
+    for (int64_t j = k; j < nj; j += 8) {
+      const PanelBlock& pb = panel[j];
+      const int8_t* xq = p.x->tile_q(t0) + 32 * NT * j;  // [j][g][NT][4]
+      const float* xs = p.x->tile_s(t0) + 4 * NT * j;    // [j][d, s32, s16, s16'][NT]
+      RowI qd[NT][2] = {};
+      auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t)
+          for (int v = 0; v < 2; ++v) {
+            acc[t][v] = add_dot(acc[t][v], qd[t][v], load<RowF>(pb.s[h] + kLanes * v),
+                                bcast<RowF>(xs[t]));
+            qd[t][v] = RowI{};
+          }
+      };
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g, xq += 4 * NT) {
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+          const int32_t x4 = load<int32_t>(xq + 4 * t);
+          qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
+          qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
+        }
+        if (D::kHalves && g == 3) flush(0);
+      }
+      flush(D::kHalves ? 1 : 0);
 #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t)
-        for (int v = 0; v < 2; ++v) {
-          const RowF s = load<RowF>(pb.s[h] + kLanes * v) * xs[t];
-          acc[t][v] += __builtin_convertvector(qd[t][v], RowF) * s;
-          qd[t][v] = RowI{};
-        }
-    };
-#pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g, xq += 4 * NT) {
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        const int32_t x4 = load<int32_t>(xq + 4 * t);
-        qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
-        qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
-      }
-      if (D::kHalves && g == 3) flush(0);
+        for (int v = 0; v < 2; ++v)
+          acc[t][v] = add_mins<D::kHalves>(
+              acc[t][v], load<RowF>(pb.c[0] + kLanes * v), load<RowF>(pb.c[1] + kLanes * v),
+              bcast<RowF>(xs[NT + t]), bcast<RowF>(xs[2 * NT + t]), bcast<RowF>(xs[3 * NT + t]));
     }
-    flush(D::kHalves ? 1 : 0);
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t)
-      for (int v = 0; v < 2; ++v) {
-        if constexpr (D::kHalves)
-          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[2 * NT + t] +
-                       load<RowF>(pb.c[1] + kLanes * v) * xs[3 * NT + t];
-        else
-          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[NT + t];
-      }
+    std::memcpy(sums[k], acc, sizeof acc);
   }
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 2 && kLanes * v < nrows; ++v)
-      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v, acc[t][v],
+      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v,
+                  lane_sum<RowF>([&](int k) { return sums[k][t][v]; }),
                   std::min(kLanes, nrows - kLanes * v));
 }
 
