@@ -32,11 +32,11 @@ PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni",
             "no_simd_intrinsics": "-march=x86-64"}  # the loops other CPUs (ARM) compile
 
 
-def _case(qtype: str, seed: int, legacy_blocks: int = 7):
-    """fields of 37 rows (two 16-row panels and a ragged one; `legacy_blocks` or 3 K-blocks),
-    gguf-py's float32 weights, and x for each token count."""
+def _case(qtype: str, seed: int):
+    """fields of 37 rows (two 16-row panels and a ragged one; 19 legacy blocks: two groups of 8
+    and 3 more, or 3 K-blocks), gguf-py's float32 weights, and x for each token count."""
     elems = QTYPES[qtype][0]
-    rows, cols = 37, (3 if elems == 256 else legacy_blocks) * elems
+    rows, cols = 37, (3 if elems == 256 else 19) * elems
     rng = np.random.default_rng(seed)
     qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     w = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
@@ -134,13 +134,12 @@ def test_portable_builds_match_the_emulation(level, tmp_path):
 @pytest.mark.parametrize("level", ["native", *PORTABLE])
 def test_a_tokens_output_is_the_same_bits_whatever_the_call_holds(level, tmp_path):
     """Each token's y alone (T=1) equals, bit for bit, its y in calls of T=2..23 tokens (the row
-    path and the tiles, full and ragged), at the start and the end of the call. 19 legacy blocks
-    (two 8-block groups and 3 more) or 3 K-blocks a row."""
+    path and the tiles, full and ragged), at the start and the end of the call."""
     rng = np.random.default_rng(11)
     windows = [(s, t) for t in range(2, 24) for s in sorted({0, 23 - t})]
     cases = {}
     for q in cpu.INT8_QTYPES:
-        fields, _, _ = _case(q, 12, legacy_blocks=19)
+        fields, _, _ = _case(q, 12)
         x = rng.standard_normal((23, fields["d"].shape[1] * QTYPES[q][0])).astype(np.float32)
         cases[q] = fields, [x[i:i + 1] for i in range(23)] + [x[s:s + t] for s, t in windows]
     got = _outputs(level, cases, tmp_path)

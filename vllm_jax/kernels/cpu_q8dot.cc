@@ -60,27 +60,27 @@ constexpr int kTileTokens = 2;
 #endif
 
 // x [tokens, cols] quantized per 32, each block's scale d and sums d * sum(q) over its 32 and
-// each 16 (the "sums": d, s32, s16, s16'). For few tokens token by token: q at t * cols, the
-// sums at s + 4 * t * nj8 as [d, s32, s16, s16'][nj8] (nj rounded up to 8 blocks, the rest 0:
-// the row path reads 8 blocks' at once). For many in the tiles' order: the tokens [t0, t0 + n)
-// of a tile (n = kTileTokens, or what is left) at q + t0 * cols as [32-block j][4 bytes g][n][4]
-// (a tile reads one stream, each 4 bytes its broadcast), their sums at s + 4 * t0 * nj as
-// [j][d, s32, s16, s16'][n]
+// each 16 (the "sums": d, s32, s16, s16'), bytes 4i..4i+3 of a block kept together (one lane of
+// a dot). For few tokens token by token, q at t * cols: the blocks below nj8 (nj rounded down
+// to 8) as the row path's transposed weights, [group of 8][i][block k][4], the rest as they
+// are; the sums at s + 4 * t * nj as [d, s32, s16, s16'][nj]. For many in the tiles' order:
+// the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left) at q + t0 * cols as
+// [32-block j][i][n][4] (a tile reads one stream, each 4 bytes its broadcast), their sums at
+// s + 4 * t0 * nj as [j][d, s32, s16, s16'][n]
 struct QuantX {
-  int64_t tokens = 0, cols = 0, nj = 0, nj8 = 0;
+  int64_t tokens = 0, cols = 0, nj = 0;
   bool tiles = false;
   std::vector<int8_t> q;
   std::vector<float> s;
 
   void resize(int64_t t, int64_t c, bool tiled) {
-    tokens = t, cols = c, nj = c / 32, nj8 = (nj + 7) / 8 * 8, tiles = tiled;
-    q.resize(t * c);
-    if (tiles) return s.resize(4 * t * nj);
-    s.assign(4 * t * nj8, 0.f);
+    tokens = t, cols = c, nj = c / 32, tiles = tiled;
+    q.resize(t * c), s.resize(4 * t * nj);
   }
+  // token t's bytes of block j (j >= nj8), or of the 8 blocks from j (j < nj8) as [i][k][4]
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
-  // sums(t, j)[k * nj8]: the d, s32, s16, s16' (k = 0..3) of token t's block j
-  const float* sums(int64_t t, int64_t j) const { return s.data() + 4 * t * nj8 + j; }
+  // sums(t, j)[k * nj]: the d, s32, s16, s16' (k = 0..3) of token t's block j
+  const float* sums(int64_t t, int64_t j) const { return s.data() + 4 * t * nj + j; }
   const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
   const float* tile_s(int64_t t0) const { return s.data() + 4 * t0 * nj; }
 };
@@ -122,18 +122,21 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       int32_t s[2];
       const float d = quantize_block(x + t * cols + 32 * j, q, s);
       const float sums[4] = {d, d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
-      float* st;
-      int64_t stride;
+      int8_t* qd;  // where q's bytes 4i..4i+3 go: qd + i * step
+      float* st;  // where sums[k] goes: st + k * stride
+      int64_t step, stride;
       if (!qx->tiles) {
-        std::memcpy(qx->q.data() + t * cols + 32 * j, q, 32);
-        st = qx->s.data() + 4 * t * qx->nj8 + j, stride = qx->nj8;
+        const bool grouped = j < nj / 8 * 8;
+        qd = qx->q.data() + t * cols + (grouped ? 32 * (j / 8 * 8) + 4 * (j % 8) : 32 * j);
+        step = grouped ? 32 : 4;
+        st = qx->s.data() + 4 * t * nj + j, stride = nj;
       } else {
         const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
         const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
-        for (int g = 0; g < 8; ++g)
-          std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
+        qd = qx->q.data() + first * cols + 32 * j * n + 4 * i, step = 4 * n;
         st = qx->s.data() + 4 * (first * nj + j * n) + i, stride = n;
       }
+      for (int i = 0; i < 8; ++i) std::memcpy(qd + i * step, q + 4 * i, 4);
       for (int k = 0; k < 4; ++k) st[k * stride] = sums[k];
     }
 }
@@ -142,10 +145,16 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
 //
 // A decoder hands `use(j, u, sc)` each 32 weights (j: their 32-block in the row): w = s * u + c
 // with s, c = sc.s[0], sc.c[0] for the first 16 and sc.s[1], sc.c[1] for the next (equal unless
-// kHalves: Q6_K's scales cover 16 weights).
+// kHalves: Q6_K's scales cover 16 weights); scales8(g) the same Scales (the same float
+// operations) of the 32-blocks 8g .. 8g + 7 as vectors.
 
 struct Scales {
   float s[2], c[2];
+};
+
+// the Scales of 8 consecutive 32-blocks (group g: blocks 8g .. 8g + 7), lane k block 8g + k
+struct Scales8 {
+  f8 s, s1, c, c1;
 };
 
 // 16 bytes -> their low nibbles, then their high nibbles
@@ -203,6 +212,11 @@ struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * 
     const float db = f16_at(d, b), c = has_m ? f16_at(m, b) : -kOffset * db;
     use(b, u, Scales{{db, db}, {c, c}});
   }
+  Scales8 scales8(int64_t g) const {
+    const f8 db = load8(reinterpret_cast<const half*>(d) + 8 * g);
+    const f8 c = has_m ? load8(reinterpret_cast<const half*>(m) + 8 * g) : bcast<f8>(-kOffset) * db;
+    return {db, db, c, c};
+  }
 };
 
 struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - dmin * m
@@ -223,6 +237,11 @@ struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - d
         use(8 * b + j, h ? u8x32(v >> 4) : u8x32(v & 15), Scales{{s, s}, {c, c}});
       }
     }
+  }
+  Scales8 scales8(int64_t b) const {
+    const f8 s = bcast<f8>(f16_at(d, b)) * to_f8(widen(sc + 8 * b));
+    const f8 c = bcast<f8>(-f16_at(dm, b)) * to_f8(widen(m + 8 * b));
+    return {s, s, c, c};
   }
 };
 
@@ -250,6 +269,13 @@ struct Q6K {  // d, sc (int8), ql, qh; 16 scales of 16: w = d * sc * (q - 32)
         use(8 * b + j, u[s], Scales{{s0, s1}, {-32.f * s0, -32.f * s1}});
       }
     }
+  }
+  Scales8 scales8(int64_t b) const {
+    const i32x8 a = widen(sc + 16 * b), z = widen(sc + 16 * b + 8);
+    const f8 db = bcast<f8>(f16_at(d, b));
+    const f8 s0 = db * to_f8(__builtin_shufflevector(a, z, 0, 2, 4, 6, 8, 10, 12, 14));
+    const f8 s1 = db * to_f8(__builtin_shufflevector(a, z, 1, 3, 5, 7, 9, 11, 13, 15));
+    return {s0, s1, bcast<f8>(-32.f) * s0, bcast<f8>(-32.f) * s1};
   }
 };
 
@@ -282,13 +308,21 @@ struct Problem {
 //
 // A token's y must not depend on the tokens beside it in the call (greedy output would depend on
 // batching), so both paths below do the same float operations for each (token, row): 8 sums,
-// lane k taking the 32-blocks j = k, k + 8, ... in turn, each block adding
+// lane k taking the 32-blocks j = k, k + 8, ... below nj8 (nj rounded down to 8) in turn, y their
+// lane_sum, then the last nj - nj8 blocks added to y in turn; each block adds
 //   float(q . u) * (s * d)    (kHalves: the first 16's, then the next 16's)
 //   c * (d * sum(q))          (kHalves: the first 16's, then the next 16's)
-// as multiply-adds (fused where the build has FMA), and y = lane_sum of the 8. The integer dots
-// are exact, so however a path splits q . u into lanes and instructions its value is the same.
+// as multiply-adds (fused where the build has FMA). The integer dots are exact, so however a
+// path splits q . u into lanes and instructions its value is the same.
 
-inline f8 madd(f8 a, f8 b, f8 c) {  // a * b + c
+inline float madd(float a, float b, float c) {  // a * b + c
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline f8 madd(f8 a, f8 b, f8 c) {
 #if defined(__FMA__)
   return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
@@ -301,10 +335,10 @@ inline f32x16 madd(f32x16 a, f32x16 b, f32x16 c) {
 }
 #endif
 
-// acc + float(dot) * (s * d)
-template <typename V, typename I>
-inline V add_dot(V acc, I dot, V s, V d) {
-  return madd(__builtin_convertvector(dot, V), s * d, acc);
+// acc + dot * (s * d), dot an integer dot (< 2^24: exact in float)
+template <typename V>
+inline V add_dot(V acc, V dot, V s, V d) {
+  return madd(dot, s * d, acc);
 }
 
 // acc + the minimums' terms: c * sum32, or (kHalves) c * sum16 then c' * sum16'
@@ -319,63 +353,67 @@ inline V lane_sum(A a) {
   return ((a(0) + a(4)) + (a(2) + a(6))) + ((a(1) + a(5)) + (a(3) + a(7)));
 }
 
-// -- few tokens: a row at a time ---------------------------------------------------------------
-
-// the integer dots of 8 blocks, each in its 8 lanes of 4 bytes -> lane k: block k's dots of its
-// first 16 (lo) and next 16 weights (hi)
-inline void block_dots(const i32x8 (&v)[8], i32x8* lo, i32x8* hi) {
-#if defined(__AVX2__)
-  __m256i h[4];  // h[i]: pair sums of v[2i], v[2i + 1], interleaved per 128-bit lane
-  for (int i = 0; i < 4; ++i) h[i] = _mm256_hadd_epi32((__m256i)v[2 * i], (__m256i)v[2 * i + 1]);
-  const __m256i a = _mm256_hadd_epi32(h[0], h[1]), b = _mm256_hadd_epi32(h[2], h[3]);
-  *lo = (i32x8)_mm256_permute2x128_si256(a, b, 0x20);
-  *hi = (i32x8)_mm256_permute2x128_si256(a, b, 0x31);
-#else
-  for (int k = 0; k < 8; ++k) {
-    (*lo)[k] = v[k][0] + v[k][1] + v[k][2] + v[k][3];
-    (*hi)[k] = v[k][4] + v[k][5] + v[k][6] + v[k][7];
-  }
-#endif
+// the same of an f8's lanes, in shuffles
+inline float lane_sum(f8 a) {
+  typedef float f4 __attribute__((vector_size(16)));
+  f4 h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
+  return h[0] + h[1];
 }
 
-// Row n times TT tokens, 8 blocks at a time in the 8 lanes. One row at a time: each field one
-// stream (4 rows' blocks in turn, 4 streams a field, were 1.3x slower on the 49152-row lm_head
-// from memory)
+// -- few tokens: a row at a time ---------------------------------------------------------------
+
+// one 32-block's terms (see add_dot) from its Scales and x's sums (x[k * nj], QuantX::sums)
+template <bool kHalves, typename V>
+inline V add_block(V acc, V lo, V hi, V s, V s1, V c, V c1, const float* x, int64_t nj) {
+  const V d = load<V>(x);
+  acc = kHalves ? add_dot(add_dot(acc, lo, s, d), hi, s1, d) : add_dot(acc, lo + hi, s, d);
+  return add_mins<kHalves>(acc, c, c1, load<V>(x + nj), load<V>(x + 2 * nj), load<V>(x + 3 * nj));
+}
+
+// Row n times TT tokens, 8 blocks at a time: their bytes transposed (lane k: block k's), so
+// that 8 instructions leave block k's dot in lane k (the first 16 weights' in lo, the next 16's
+// in hi where kHalves), the float sums' lanes; then a legacy row's last nj % 8 blocks one by
+// one. One row at a time: each field one stream (4 rows' blocks in turn, 4 streams a field,
+// were 1.3x slower on the 49152-row lm_head from memory)
 template <typename D, int TT>
 inline void row_dots(const Problem& p, int64_t n) {
+  constexpr int kPer = 256 / D::kBlock;  // the decoder's blocks in 8 32-blocks
   const D row(p.f, n);
-  const int64_t nj8 = p.x->nj8;
   f8 acc[TT] = {};
-  i32x8 dots[TT][8];
-  float sc[4][8];  // the 8 blocks' s, s', c, c' (Scales)
-  auto add8 = [&](int64_t j0, int m) {  // blocks j0 .. j0 + m - 1 (m < 8: the rest 0)
-    for (int k = m; k < 8; ++k) {
-      for (int i = 0; i < 4; ++i) sc[i][k] = 0.f;
-      for (int t = 0; t < TT; ++t) dots[t][k] = i32x8{};
-    }
-    const f8 s = load<f8>(sc[0]), s1 = load<f8>(sc[1]), c = load<f8>(sc[2]), c1 = load<f8>(sc[3]);
-    for (int t = 0; t < TT; ++t) {
-      i32x8 lo, hi;
-      block_dots(dots[t], &lo, &hi);
-      const float* x = p.x->sums(t, j0);
-      const f8 d = load<f8>(x);
-      acc[t] = D::kHalves ? add_dot(add_dot(acc[t], lo, s, d), hi, s1, d)
-                          : add_dot(acc[t], lo + hi, s, d);
-      acc[t] = add_mins<D::kHalves>(acc[t], c, c1, load<f8>(x + nj8), load<f8>(x + 2 * nj8),
-                                    load<f8>(x + 3 * nj8));
-    }
-  };
-  for (int64_t b = 0; b < p.nb; ++b)
-    row.block(b, [&](int64_t j, u8x32 u, const Scales& w) {
-      const int k = j & 7;
-      sc[0][k] = w.s[0], sc[1][k] = w.s[1], sc[2][k] = w.c[0], sc[3][k] = w.c[1];
+  for (int64_t g = 0; g < p.nj / 8; ++g) {
+    f8 w[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < kPer; ++i)
+      row.block(kPer * g + i, [&](int64_t j, u8x32 u, const Scales&) { w[j - 8 * g] = f8(u); });
+    transpose8(w);
+    const Scales8 sc = row.scales8(g);
 #pragma GCC unroll 4
-      for (int t = 0; t < TT; ++t)
-        dots[t][k] = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
-      if (k == 7) add8(j - 7, 8);
+    for (int t = 0; t < TT; ++t) {
+      const int8_t* xq = p.x->qb(t, 8 * g);
+      i32x8 lo{}, hi{};
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        i32x8& d = D::kHalves && i >= 4 ? hi : lo;
+        d = dot<D::kMax>(d, u8x32(w[i]), load<i8x32>(xq + 32 * i));
+      }
+      acc[t] = add_block<D::kHalves>(acc[t], to_f8(lo), to_f8(hi), sc.s, sc.s1, sc.c, sc.c1,
+                                     p.x->sums(t, 8 * g), p.nj);
+    }
+  }
+  float y[TT];
+  for (int t = 0; t < TT; ++t) y[t] = lane_sum(acc[t]);
+  for (int64_t b = p.nj / 8 * 8 * 32 / D::kBlock; b < p.nb; ++b)
+    row.block(b, [&](int64_t j, u8x32 u, const Scales& w) {
+      for (int t = 0; t < TT; ++t) {
+        i32x8 q = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
+        q += __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5);
+        q += __builtin_shufflevector(q, q, 1, 0, 3, 2, 5, 4, 7, 6);  // 0: the first 16's, 4: next
+        y[t] = add_block<D::kHalves>(y[t], float(q[0]), float(q[4]), w.s[0], w.s[1], w.c[0],
+                                     w.c[1], p.x->sums(t, j), p.nj);
+      }
     });
-  if (p.nj % 8) add8(p.nj / 8 * 8, int(p.nj % 8));
-  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = lane_sum<float>([&](int k) { return acc[t][k]; });
+  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = y[t];
 }
 
 // measured: the Q8_0 lm_head at 3-4 tokens 1.5-1.9x faster here than in tiles
@@ -439,52 +477,63 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
   }
 }
 
-// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n: the
-// blocks j = k mod 8 for each k in turn, each (token, row) its float sum per k (see add_dot)
+// acc + block j's terms (see add_dot) for NT tokens from t0 times the panel's rows
+template <typename D, int NT>
+__attribute__((always_inline)) inline void tile_block(const Problem& p, const PanelBlock& pb,
+                                                      int64_t j, int64_t t0,
+                                                      RowF (&acc)[NT][2]) {
+  const int8_t* xq = p.x->tile_q(t0) + 32 * NT * j;  // [j][i][NT][4]
+  const float* xs = p.x->tile_s(t0) + 4 * NT * j;    // [j][d, s32, s16, s16'][NT]
+  RowI qd[NT][2] = {};
+  auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < 2; ++v) {
+        acc[t][v] = add_dot(acc[t][v], __builtin_convertvector(qd[t][v], RowF),
+                            load<RowF>(pb.s[h] + kLanes * v), bcast<RowF>(xs[t]));
+        qd[t][v] = RowI{};
+      }
+  };
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i, xq += 4 * NT) {
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const int32_t x4 = load<int32_t>(xq + 4 * t);
+      qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[i], x4);
+      qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[i] + 4 * kLanes, x4);
+    }
+    if (D::kHalves && i == 3) flush(0);
+  }
+  flush(D::kHalves ? 1 : 0);
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 2; ++v)
+      acc[t][v] = add_mins<D::kHalves>(
+          acc[t][v], load<RowF>(pb.c[0] + kLanes * v), load<RowF>(pb.c[1] + kLanes * v),
+          bcast<RowF>(xs[NT + t]), bcast<RowF>(xs[2 * NT + t]), bcast<RowF>(xs[3 * NT + t]));
+}
+
+// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n, in
+// the order of the float sums (see add_dot): the blocks j = k mod 8 below nj8 for each k in
+// turn, each (token, row) a sum per k, then the last blocks into their lane_sum
 template <typename D, int NT>
 inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
                  int64_t t0) {
-  RowF sums[8][NT][2];
+  const int64_t nj8 = nj / 8 * 8;
+  RowF lanes[8][NT][2];
   for (int k = 0; k < 8; ++k) {
     RowF acc[NT][2] = {};
-    for (int64_t j = k; j < nj; j += 8) {
-      const PanelBlock& pb = panel[j];
-      const int8_t* xq = p.x->tile_q(t0) + 32 * NT * j;  // [j][g][NT][4]
-      const float* xs = p.x->tile_s(t0) + 4 * NT * j;    // [j][d, s32, s16, s16'][NT]
-      RowI qd[NT][2] = {};
-      auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t)
-          for (int v = 0; v < 2; ++v) {
-            acc[t][v] = add_dot(acc[t][v], qd[t][v], load<RowF>(pb.s[h] + kLanes * v),
-                                bcast<RowF>(xs[t]));
-            qd[t][v] = RowI{};
-          }
-      };
-#pragma GCC unroll 8
-      for (int g = 0; g < 8; ++g, xq += 4 * NT) {
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          const int32_t x4 = load<int32_t>(xq + 4 * t);
-          qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
-          qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
-        }
-        if (D::kHalves && g == 3) flush(0);
-      }
-      flush(D::kHalves ? 1 : 0);
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t)
-        for (int v = 0; v < 2; ++v)
-          acc[t][v] = add_mins<D::kHalves>(
-              acc[t][v], load<RowF>(pb.c[0] + kLanes * v), load<RowF>(pb.c[1] + kLanes * v),
-              bcast<RowF>(xs[NT + t]), bcast<RowF>(xs[2 * NT + t]), bcast<RowF>(xs[3 * NT + t]));
-    }
-    std::memcpy(sums[k], acc, sizeof acc);
+    for (int64_t j = k; j < nj8; j += 8) tile_block<D, NT>(p, panel[j], j, t0, acc);
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < 2; ++v) lanes[k][t][v] = acc[t][v];
   }
+  RowF acc[NT][2];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 2; ++v) acc[t][v] = lane_sum<RowF>([&](int k) { return lanes[k][t][v]; });
+  for (int64_t j = nj8; j < nj; ++j) tile_block<D, NT>(p, panel[j], j, t0, acc);
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 2 && kLanes * v < nrows; ++v)
-      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v,
-                  lane_sum<RowF>([&](int k) { return sums[k][t][v]; }),
+      store_first(p.y + (t0 + t) * p.rows + n + kLanes * v, acc[t][v],
                   std::min(kLanes, nrows - kLanes * v));
 }
 
