@@ -11,11 +11,12 @@
 // AVX-VNNI: 256-bit), else vpmaddubsw + vpmaddwd (AVX2), else a loop; which one is fixed when the
 // file is compiled for the machine (-march=native). Vectors are 256-bit on every path.
 //
-// Up to 4 tokens (decode): one weight row at a time, its blocks unpacked in registers, 8 int32
-// lanes a block. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
+// Up to 4 tokens (decode): one weight row at a time, 8 blocks unpacked in registers and
+// transposed so that lane k sums block k. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
 // transposed so that one vector holds 4 consecutive bytes of each of 16 (8) rows; a 4-byte
 // broadcast of a token's activations then gives 16 (8) rows' partial dots per instruction (the
-// GEMM micro-kernel shape), for every token of the panel's tiles.
+// GEMM micro-kernel shape), for every token of the panel's tiles. Both add the blocks' float
+// terms in one order (see add_dot), so a token's y is the same bits whatever the call holds.
 #include <cmath>
 
 #include "cpu_fields.h"
