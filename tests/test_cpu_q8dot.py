@@ -30,13 +30,14 @@ F32_RTOL = 1e-2
 EMULATION_RTOL = 1e-5
 PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni",
             "no_simd_intrinsics": "-march=x86-64"}  # the loops other CPUs (ARM) compile
+NEEDS = {"avx2": "avx2", "avx_vnni": "avx_vnni"}  # the /proc/cpuinfo flag a build runs on
 
 
 def _case(qtype: str, seed: int):
-    """fields of 37 rows (two 16-row panels and a ragged one; 7 legacy blocks or 3 K-blocks),
-    gguf-py's float32 weights, and x for each token count."""
+    """fields of 37 rows (two 16-row panels and a ragged one; 19 legacy blocks: two groups of 8
+    and 3 more, or 3 K-blocks), gguf-py's float32 weights, and x for each token count."""
     elems = QTYPES[qtype][0]
-    rows, cols = 37, (3 if elems == 256 else 7) * elems
+    rows, cols = 37, (3 if elems == 256 else 19) * elems
     rng = np.random.default_rng(seed)
     qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     w = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
@@ -91,23 +92,28 @@ def test_activations_must_be_named():
 
 
 def _portable_main(path: str):
-    """In a subprocess built with VLLM_JAX_CPU_FLAGS: every case of `path`'s npz -> its outputs.
+    """In a subprocess built with VLLM_JAX_CPU_FLAGS: `path`'s cases -> their outputs.
     Only cpu_q8dot.cc is built (the other kernels' portable builds are not under test here)."""
     cpu.SOURCES, cpu.TARGETS = [cpu.HERE / "cpu_q8dot.cc"], ("vllm_jax_q8dot",)
     data = np.load(path)
     out = {}
     for qtype in cpu.INT8_QTYPES:
         fields = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(qtype + "/")}
-        xs = [data[f"x/{qtype}/{i}"] for i in range(len(TOKENS))]
+        xs = [data[f"x/{qtype}/{i}"] for i in range(int(data[f"n/{qtype}"]))]
         out.update({f"{qtype}/{i}": y for i, y in enumerate(_run(qtype, fields, xs))})
     np.savez(path.replace(".npz", ".out.npz"), **out)
 
 
-@pytest.mark.parametrize("level", list(PORTABLE))
-def test_portable_builds_match_the_emulation(level, tmp_path):
-    cases = {q: _case(q, 9) for q in cpu.INT8_QTYPES}
-    arrays = {f"{q}/{k}": v for q, (f, _, _) in cases.items() for k, v in f.items()}
-    arrays |= {f"x/{q}/{i}": x for q, (_, _, xs) in cases.items() for i, x in enumerate(xs)}
+def _outputs(level: str, cases: dict, tmp_path: Path) -> dict:
+    """{qtype: (fields, xs)} -> {qtype: [y of each x]}, from the build for this machine
+    ("native") or, in a subprocess, a portable one (PORTABLE's flags)."""
+    if level == "native":
+        return {q: _run(q, f, xs) for q, (f, xs) in cases.items()}
+    if level in NEEDS and NEEDS[level] not in cpu._cpu_id().split():
+        pytest.skip(f"this CPU has no {NEEDS[level]} to run the {level} build")
+    arrays = {f"{q}/{k}": v for q, (f, _) in cases.items() for k, v in f.items()}
+    arrays |= {f"x/{q}/{i}": x for q, (_, xs) in cases.items() for i, x in enumerate(xs)}
+    arrays |= {f"n/{q}": np.array(len(xs)) for q, (_, xs) in cases.items()}
     path = str(tmp_path / "cases.npz")
     np.savez(path, **arrays)
     env = dict(os.environ, VLLM_JAX_CPU_FLAGS=PORTABLE[level])
@@ -117,5 +123,31 @@ def test_portable_builds_match_the_emulation(level, tmp_path):
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     out = np.load(path.replace(".npz", ".out.npz"))
+    return {q: [out[f"{q}/{i}"] for i in range(len(xs))] for q, (_, xs) in cases.items()}
+
+
+@pytest.mark.parametrize("level", list(PORTABLE))
+def test_portable_builds_match_the_emulation(level, tmp_path):
+    cases = {q: _case(q, 9) for q in cpu.INT8_QTYPES}
+    got = _outputs(level, {q: (f, xs) for q, (f, _, xs) in cases.items()}, tmp_path)
     for q, (_, w, xs) in cases.items():
-        _check(q, [out[f"{q}/{i}"] for i in range(len(TOKENS))], w, xs)
+        _check(q, got[q], w, xs)
+
+
+@pytest.mark.parametrize("level", ["native", *PORTABLE])
+def test_a_tokens_output_is_the_same_bits_whatever_the_call_holds(level, tmp_path):
+    """Each token's y alone (T=1) equals, bit for bit, its y in calls of T=2..23 tokens (the row
+    path and the tiles, full and ragged), at the start and the end of the call."""
+    rng = np.random.default_rng(11)
+    windows = [(s, t) for t in range(2, 24) for s in sorted({0, 23 - t})]
+    cases = {}
+    for q in cpu.INT8_QTYPES:
+        fields, _, _ = _case(q, 12)
+        x = rng.standard_normal((23, fields["d"].shape[1] * QTYPES[q][0])).astype(np.float32)
+        cases[q] = fields, [x[i:i + 1] for i in range(23)] + [x[s:s + t] for s, t in windows]
+    got = _outputs(level, cases, tmp_path)
+    for q, ys in got.items():
+        alone = np.concatenate(ys[:23])
+        for (s, t), y in zip(windows, ys[23:]):
+            same = (y == alone[s:s + t]).all(1)
+            assert same.all(), f"{q}, {t} tokens from {s}: {np.flatnonzero(~same) + s} differ"

@@ -17,6 +17,7 @@ from flax import nnx
 
 from vllm_jax.config import ConfigError, EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.kernels.backend import Backends
 from vllm_jax.loader import load
 from vllm_jax.loader import safetensors as st
 from vllm_jax.models.layers import AttnMetadata
@@ -267,12 +268,14 @@ def test_f32_gguf_engine_generates_what_the_folder_does(tiny):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 def test_q8_0_gguf_stays_quantized_and_computes_its_dequantized_model(tiny, arch):
-    """The packed Q8_0 path equals a dense model holding gguf-py's dequantized weights (to f32
-    rounding). Against the f32 model itself only quantization noise remains: measured max 4%,
-    mean 0.6% of the logit range for these random tiny models (no structure to preserve); more
-    with experts, where the noise flips some of the router's choices."""
+    """The packed Q8_0 path with float32 activations equals a dense model holding gguf-py's
+    dequantized weights (to f32 rounding). Against the f32 model itself only quantization noise
+    remains: measured max 4%, mean 0.6% of the logit range for these random tiny models (no
+    structure to preserve); more with experts, where the noise flips some of the router's
+    choices."""
     folder, _, path = tiny(arch, "q8_0")
-    ref, got = load(str(folder), "f32"), load(str(path), "f32", keep_quantized=True)
+    ref = load(str(folder), "f32")
+    got = load(str(path), "f32", keep_quantized=True, backend=Backends(cpu_activations="f32"))
     assert got.model.layers[0].self_attn.q_proj.qtype == "q8_0"
     assert got.model.embed_tokens.linear.qtype == "q8_0"
     assert got.weight_bytes < 0.35 * ref.weight_bytes  # 34 bytes per 32 weights vs 4 per weight

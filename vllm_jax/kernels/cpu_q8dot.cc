@@ -12,11 +12,12 @@
 // AVX-VNNI: 256-bit), else vpmaddubsw + vpmaddwd (AVX2), else a loop; which one is fixed when the
 // file is compiled for the machine (-march=native). Vectors are 256-bit on every path.
 //
-// Up to 4 tokens (decode): one weight row at a time, its blocks unpacked in registers, 8 int32
-// lanes a block. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
+// Up to 4 tokens (decode): one weight row at a time, 8 blocks unpacked in registers and
+// transposed so that lane k sums block k. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
 // transposed so that one vector holds 4 consecutive bytes of each of 16 (8) rows; a 4-byte
 // broadcast of a token's activations then gives 16 (8) rows' partial dots per instruction (the
-// GEMM micro-kernel shape), for every token of the panel's tiles.
+// GEMM micro-kernel shape), for every token of the panel's tiles. Both add the blocks' float
+// terms in one order (see add_dot), so a token's y is the same bits whatever the call holds.
 #include <cmath>
 
 #include "cpu_fields.h"
@@ -60,26 +61,28 @@ constexpr int kTileTokens = 6;  // many tokens: 24 of the 32 vector registers ac
 constexpr int kTileTokens = 2;
 #endif
 
-// x [tokens, cols] quantized per 32, for few tokens token by token (q, d8, s16, s32), for many
-// in the tiles' order: the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left)
-// at q + t0 * cols as [32-block j][4 bytes g][n][4] (a tile reads one stream, each 4 bytes its
-// broadcast), and their scales and sums at s + 4 * t0 * nj as [j][d, s32, s16 x 2][n]
+// x [tokens, cols] quantized per 32, each block's scale d and sums d * sum(q) over its 32 and
+// each 16 (the "sums": d, s32, s16, s16'), bytes 4i..4i+3 of a block kept together (one lane of
+// a dot). For few tokens token by token, q at t * cols: the blocks below nj8 (nj rounded down
+// to 8) as the row path's transposed weights, [group of 8][i][block k][4], the rest as they
+// are; the sums at s + 4 * t * nj as [d, s32, s16, s16'][nj]. For many in the tiles' order:
+// the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left) at q + t0 * cols as
+// [32-block j][i][n][4] (a tile reads one stream, each 4 bytes its broadcast), their sums at
+// s + 4 * t0 * nj as [j][d, s32, s16, s16'][n]
 struct QuantX {
   int64_t tokens = 0, cols = 0, nj = 0;
   bool tiles = false;
   std::vector<int8_t> q;
-  std::vector<float> s, d8, s16, s32;  // s: the tiles'; d8: each scale 8 times (a vector's lanes)
+  std::vector<float> s;
 
   void resize(int64_t t, int64_t c, bool tiled) {
     tokens = t, cols = c, nj = c / 32, tiles = tiled;
-    q.resize(t * c);
-    if (tiles) return s.resize(4 * t * nj);
-    d8.resize(8 * t * nj), s16.resize(2 * t * nj), s32.resize(t * nj);
+    q.resize(t * c), s.resize(4 * t * nj);
   }
+  // token t's bytes of block j (j >= nj8), or of the 8 blocks from j (j < nj8) as [i][k][4]
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
-  const float* dx8(int64_t t, int64_t j) const { return d8.data() + 8 * (t * nj + j); }
-  float sum16(int64_t t, int64_t h) const { return s16[t * 2 * nj + h]; }
-  float sum32(int64_t t, int64_t j) const { return s32[t * nj + j]; }
+  // sums(t, j)[k * nj]: the d, s32, s16, s16' (k = 0..3) of token t's block j
+  const float* sums(int64_t t, int64_t j) const { return s.data() + 4 * t * nj + j; }
   const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
   const float* tile_s(int64_t t0) const { return s.data() + 4 * t0 * nj; }
 };
@@ -120,20 +123,23 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       alignas(32) int8_t q[32];
       int32_t s[2];
       const float d = quantize_block(x + t * cols + 32 * j, q, s);
-      const float sums[3] = {d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      const float sums[4] = {d, d * float(s[0] + s[1]), d * float(s[0]), d * float(s[1])};
+      int8_t* qd;  // where q's bytes 4i..4i+3 go: qd + i * step
+      float* st;  // where sums[k] goes: st + k * stride
+      int64_t step, stride;
       if (!qx->tiles) {
-        std::memcpy(qx->q.data() + t * cols + 32 * j, q, 32);
-        const int64_t i = t * nj + j;
-        qx->s32[i] = sums[0], qx->s16[2 * i] = sums[1], qx->s16[2 * i + 1] = sums[2];
-        store(qx->d8.data() + 8 * i, splat(d));
-        continue;
+        const bool grouped = j < nj / 8 * 8;
+        qd = qx->q.data() + t * cols + (grouped ? 32 * (j / 8 * 8) + 4 * (j % 8) : 32 * j);
+        step = grouped ? 32 : 4;
+        st = qx->s.data() + 4 * t * nj + j, stride = nj;
+      } else {
+        const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
+        const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
+        qd = qx->q.data() + first * cols + 32 * j * n + 4 * i, step = 4 * n;
+        st = qx->s.data() + 4 * (first * nj + j * n) + i, stride = n;
       }
-      const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
-      const int64_t n = std::min<int64_t>(kTileTokens, qx->tokens - first);
-      for (int g = 0; g < 8; ++g)
-        std::memcpy(qx->q.data() + first * cols + ((8 * j + g) * n + i) * 4, q + 4 * g, 4);
-      float* st = qx->s.data() + 4 * (first * nj + j * n) + i;
-      st[0] = d, st[n] = sums[0], st[2 * n] = sums[1], st[3 * n] = sums[2];
+      for (int i = 0; i < 8; ++i) std::memcpy(qd + i * step, q + 4 * i, 4);
+      for (int k = 0; k < 4; ++k) st[k * stride] = sums[k];
     }
 }
 
@@ -141,10 +147,16 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
 //
 // A decoder hands `use(j, u, sc)` each 32 weights (j: their 32-block in the row): w = s * u + c
 // with s, c = sc.s[0], sc.c[0] for the first 16 and sc.s[1], sc.c[1] for the next (equal unless
-// kHalves: Q6_K's scales cover 16 weights).
+// kHalves: Q6_K's scales cover 16 weights); scales8(g) the same Scales (the same float
+// operations) of the 32-blocks 8g .. 8g + 7 as vectors.
 
 struct Scales {
   float s[2], c[2];
+};
+
+// the Scales of 8 consecutive 32-blocks (group g: blocks 8g .. 8g + 7), lane k block 8g + k
+struct Scales8 {
+  f8 s, s1, c, c1;
 };
 
 // 16 bytes -> their low nibbles, then their high nibbles
@@ -202,6 +214,11 @@ struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * 
     const float db = f16_at(d, b), c = has_m ? f16_at(m, b) : -kOffset * db;
     use(b, u, Scales{{db, db}, {c, c}});
   }
+  Scales8 scales8(int64_t g) const {
+    const f8 db = load8(reinterpret_cast<const half*>(d) + 8 * g);
+    const f8 c = has_m ? load8(reinterpret_cast<const half*>(m) + 8 * g) : bcast<f8>(-kOffset) * db;
+    return {db, db, c, c};
+  }
 };
 
 struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - dmin * m
@@ -222,6 +239,11 @@ struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - d
         use(8 * b + j, h ? u8x32(v >> 4) : u8x32(v & 15), Scales{{s, s}, {c, c}});
       }
     }
+  }
+  Scales8 scales8(int64_t b) const {
+    const f8 s = bcast<f8>(f16_at(d, b)) * to_f8(widen(sc + 8 * b));
+    const f8 c = bcast<f8>(-f16_at(dm, b)) * to_f8(widen(m + 8 * b));
+    return {s, s, c, c};
   }
 };
 
@@ -250,6 +272,13 @@ struct Q6K {  // d, sc (int8), ql, qh; 16 scales of 16: w = d * sc * (q - 32)
       }
     }
   }
+  Scales8 scales8(int64_t b) const {
+    const i32x8 a = widen(sc + 16 * b), z = widen(sc + 16 * b + 8);
+    const f8 db = bcast<f8>(f16_at(d, b));
+    const f8 s0 = db * to_f8(__builtin_shufflevector(a, z, 0, 2, 4, 6, 8, 10, 12, 14));
+    const f8 s1 = db * to_f8(__builtin_shufflevector(a, z, 1, 3, 5, 7, 9, 11, 13, 15));
+    return {s0, s1, bcast<f8>(-32.f) * s0, bcast<f8>(-32.f) * s1};
+  }
 };
 
 template <typename D>
@@ -277,34 +306,116 @@ struct Problem {
   int64_t tokens, rows, nb, nj;  // nb: weight blocks a row, nj: 32-blocks
 };
 
-// -- few tokens: a row at a time ---------------------------------------------------------------
+// -- the float sums: one order whatever the call holds ------------------------------------------
+//
+// A token's y must not depend on the tokens beside it in the call (greedy output would depend on
+// batching), so both paths below do the same float operations for each (token, row): 8 sums,
+// lane k taking the 32-blocks j = k, k + 8, ... below nj8 (nj rounded down to 8) in turn, y their
+// lane_sum, then the last nj - nj8 blocks added to y in turn; each block adds
+//   float(q . u) * (s * d)    (kHalves: the first 16's, then the next 16's)
+//   c * (d * sum(q))          (kHalves: the first 16's, then the next 16's)
+// as multiply-adds (fused where the build has FMA). The integer dots are exact, so however a
+// path splits q . u into lanes and instructions its value is the same.
 
-// the scale of each lane of a block's 8: a, or (kHalves) lanes 0-3 a, 4-7 b
-template <bool kHalves>
-inline f8 lane_scales(const Scales& sc) {
-  return kHalves ? f8{sc.s[0], sc.s[0], sc.s[0], sc.s[0], sc.s[1], sc.s[1], sc.s[1], sc.s[1]}
-                 : splat(sc.s[0]);
+inline float madd(float a, float b, float c) {  // a * b + c
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline f8 madd(f8 a, f8 b, f8 c) {
+#if defined(__FMA__)
+  return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+#if defined(VLLM_JAX_AVX512)
+inline f32x16 madd(f32x16 a, f32x16 b, f32x16 c) {
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#endif
+
+// acc + dot * (s * d), dot an integer dot (< 2^24: exact in float)
+template <typename V>
+inline V add_dot(V acc, V dot, V s, V d) {
+  return madd(dot, s * d, acc);
 }
 
-// Row n times TT tokens. One row at a time: each field one stream (4 rows' blocks in turn, 4
-// streams a field, were 1.3x slower on the 49152-row lm_head from memory)
+// acc + the minimums' terms: c * sum32, or (kHalves) c * sum16 then c' * sum16'
+template <bool kHalves, typename V>
+inline V add_mins(V acc, V c, V c1, V sum32, V sum16, V sum16b) {
+  return kHalves ? madd(c1, sum16b, madd(c, sum16, acc)) : madd(c, sum32, acc);
+}
+
+// the 8 sums' total: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), a(k) the sum of lane k
+template <typename V, typename A>
+inline V lane_sum(A a) {
+  return ((a(0) + a(4)) + (a(2) + a(6))) + ((a(1) + a(5)) + (a(3) + a(7)));
+}
+
+// the same of an f8's lanes, in shuffles
+inline float lane_sum(f8 a) {
+  typedef float f4 __attribute__((vector_size(16)));
+  f4 h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
+  return h[0] + h[1];
+}
+
+// -- few tokens: a row at a time ---------------------------------------------------------------
+
+// one 32-block's terms (see add_dot) from its Scales and x's sums (x[k * nj], QuantX::sums)
+template <bool kHalves, typename V>
+inline V add_block(V acc, V lo, V hi, V s, V s1, V c, V c1, const float* x, int64_t nj) {
+  const V d = load<V>(x);
+  acc = kHalves ? add_dot(add_dot(acc, lo, s, d), hi, s1, d) : add_dot(acc, lo + hi, s, d);
+  return add_mins<kHalves>(acc, c, c1, load<V>(x + nj), load<V>(x + 2 * nj), load<V>(x + 3 * nj));
+}
+
+// Row n times TT tokens, 8 blocks at a time: their bytes transposed (lane k: block k's), so
+// that 8 instructions leave block k's dot in lane k (the first 16 weights' in lo, the next 16's
+// in hi where kHalves), the float sums' lanes; then a legacy row's last nj % 8 blocks one by
+// one. One row at a time: each field one stream (4 rows' blocks in turn, 4 streams a field,
+// were 1.3x slower on the 49152-row lm_head from memory)
 template <typename D, int TT>
 inline void row_dots(const Problem& p, int64_t n) {
+  constexpr int kPer = 256 / D::kBlock;  // the decoder's blocks in 8 32-blocks
   const D row(p.f, n);
   f8 acc[TT] = {};
-  float off[TT] = {};
-  for (int64_t b = 0; b < p.nb; ++b)
-    row.block(b, [&](int64_t j, u8x32 u, const Scales& sc) {
-      const f8 s = lane_scales<D::kHalves>(sc);
+  for (int64_t g = 0; g < p.nj / 8; ++g) {
+    f8 w[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < kPer; ++i)
+      row.block(kPer * g + i, [&](int64_t j, u8x32 u, const Scales&) { w[j - 8 * g] = f8(u); });
+    transpose8(w);
+    const Scales8 sc = row.scales8(g);
 #pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) {
+      const int8_t* xq = p.x->qb(t, 8 * g);
+      i32x8 lo{}, hi{};
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        i32x8& d = D::kHalves && i >= 4 ? hi : lo;
+        d = dot<D::kMax>(d, u8x32(w[i]), load<i8x32>(xq + 32 * i));
+      }
+      acc[t] = add_block<D::kHalves>(acc[t], to_f8(lo), to_f8(hi), sc.s, sc.s1, sc.c, sc.c1,
+                                     p.x->sums(t, 8 * g), p.nj);
+    }
+  }
+  float y[TT];
+  for (int t = 0; t < TT; ++t) y[t] = lane_sum(acc[t]);
+  for (int64_t b = p.nj / 8 * 8 * 32 / D::kBlock; b < p.nb; ++b)
+    row.block(b, [&](int64_t j, u8x32 u, const Scales& w) {
       for (int t = 0; t < TT; ++t) {
-        const i32x8 qd = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
-        acc[t] += to_f8(qd) * (s * load<f8>(p.x->dx8(t, j)));
-        off[t] += D::kHalves ? sc.c[0] * p.x->sum16(t, 2 * j) + sc.c[1] * p.x->sum16(t, 2 * j + 1)
-                             : sc.c[0] * p.x->sum32(t, j);
+        i32x8 q = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
+        q += __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5);
+        q += __builtin_shufflevector(q, q, 1, 0, 3, 2, 5, 4, 7, 6);  // 0: the first 16's, 4: next
+        y[t] = add_block<D::kHalves>(y[t], float(q[0]), float(q[4]), w.s[0], w.s[1], w.c[0],
+                                     w.c[1], p.x->sums(t, j), p.nj);
       }
     });
-  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = hsum(acc[t]) + off[t];
+  for (int t = 0; t < TT; ++t) p.y[t * p.rows + n] = y[t];
 }
 
 // measured: the Q8_0 lm_head at 3-4 tokens 1.5-1.9x faster here than in tiles
@@ -368,46 +479,60 @@ void build_panel(const Problem& p, int64_t n, int nrows, PanelBlock* panel) {
   }
 }
 
-// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n
+// acc + block j's terms (see add_dot) for NT tokens from t0 times the panel's rows
 template <typename D, int NT>
-inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
-                 int64_t t0) {
-  RowF acc[NT][2] = {};
-  const int8_t* xq = p.x->tile_q(t0);  // [j][g][NT][4]
-  const float* xs = p.x->tile_s(t0);   // [j][d, s32, s16 x 2][NT]
-  for (int64_t j = 0; j < nj; ++j, xs += 4 * NT) {
-    const PanelBlock& pb = panel[j];
-    RowI qd[NT][2] = {};
-    auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t)
-        for (int v = 0; v < 2; ++v) {
-          const RowF s = load<RowF>(pb.s[h] + kLanes * v) * xs[t];
-          acc[t][v] += __builtin_convertvector(qd[t][v], RowF) * s;
-          qd[t][v] = RowI{};
-        }
-    };
-#pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g, xq += 4 * NT) {
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        const int32_t x4 = load<int32_t>(xq + 4 * t);
-        qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[g], x4);
-        qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[g] + 4 * kLanes, x4);
-      }
-      if (D::kHalves && g == 3) flush(0);
-    }
-    flush(D::kHalves ? 1 : 0);
+__attribute__((always_inline)) inline void tile_block(const Problem& p, const PanelBlock& pb,
+                                                      int64_t j, int64_t t0,
+                                                      RowF (&acc)[NT][2]) {
+  const int8_t* xq = p.x->tile_q(t0) + 32 * NT * j;  // [j][i][NT][4]
+  const float* xs = p.x->tile_s(t0) + 4 * NT * j;    // [j][d, s32, s16, s16'][NT]
+  RowI qd[NT][2] = {};
+  auto flush = [&](int h) {  // the integer dots of 16 (h) or all 32 weights, scaled
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t)
       for (int v = 0; v < 2; ++v) {
-        if constexpr (D::kHalves)
-          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[2 * NT + t] +
-                       load<RowF>(pb.c[1] + kLanes * v) * xs[3 * NT + t];
-        else
-          acc[t][v] += load<RowF>(pb.c[0] + kLanes * v) * xs[NT + t];
+        acc[t][v] = add_dot(acc[t][v], __builtin_convertvector(qd[t][v], RowF),
+                            load<RowF>(pb.s[h] + kLanes * v), bcast<RowF>(xs[t]));
+        qd[t][v] = RowI{};
       }
+  };
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i, xq += 4 * NT) {
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const int32_t x4 = load<int32_t>(xq + 4 * t);
+      qd[t][0] = dot_rows<D::kMax>(qd[t][0], pb.u[i], x4);
+      qd[t][1] = dot_rows<D::kMax>(qd[t][1], pb.u[i] + 4 * kLanes, x4);
+    }
+    if (D::kHalves && i == 3) flush(0);
   }
+  flush(D::kHalves ? 1 : 0);
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 2; ++v)
+      acc[t][v] = add_mins<D::kHalves>(
+          acc[t][v], load<RowF>(pb.c[0] + kLanes * v), load<RowF>(pb.c[1] + kLanes * v),
+          bcast<RowF>(xs[NT + t]), bcast<RowF>(xs[2 * NT + t]), bcast<RowF>(xs[3 * NT + t]));
+}
+
+// NT tokens from t0 (a whole tile of QuantX's, or the last) times the panel's rows from n, in
+// the order of the float sums (see add_dot): the blocks j = k mod 8 below nj8 for each k in
+// turn, each (token, row) a sum per k, then the last blocks into their lane_sum
+template <typename D, int NT>
+inline void tile(const Problem& p, const PanelBlock* panel, int64_t nj, int64_t n, int nrows,
+                 int64_t t0) {
+  const int64_t nj8 = nj / 8 * 8;
+  RowF lanes[8][NT][2];
+  for (int k = 0; k < 8; ++k) {
+    RowF acc[NT][2] = {};
+    for (int64_t j = k; j < nj8; j += 8) tile_block<D, NT>(p, panel[j], j, t0, acc);
+    for (int t = 0; t < NT; ++t)
+      for (int v = 0; v < 2; ++v) lanes[k][t][v] = acc[t][v];
+  }
+  RowF acc[NT][2];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 2; ++v) acc[t][v] = lane_sum<RowF>([&](int k) { return lanes[k][t][v]; });
+  for (int64_t j = nj8; j < nj; ++j) tile_block<D, NT>(p, panel[j], j, t0, acc);
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 2 && kLanes * v < nrows; ++v)
       store_first(p.y + (t0 + t) * p.rows + n + kLanes * v, acc[t][v],
