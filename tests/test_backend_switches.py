@@ -65,7 +65,7 @@ def test_attention_and_matmul_backends_switch_separately(moe_model, xla_tokens, 
     (["--kernel-backend", "xla"], Backends("xla", "xla")),
     (["--kernel-backend", "cpu", "--attention-backend", "pallas"], Backends("pallas", "cpu")),
     (["--matmul-backend", "xla"], Backends("auto", "xla")),
-    (["--cpu-activations", "f32"], Backends("auto", "auto", "f32")),
+    (["--cpu-activations", "int8"], Backends("auto", "auto", "int8")),
 ])
 def test_backend_flags_default_to_kernel_backend(argv, want):
     p = Parser(prog="test")

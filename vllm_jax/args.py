@@ -87,11 +87,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="paged attention's kernels (default: --kernel-backend)")
     p.add_argument("--matmul-backend", choices=choices,
                    help="the matmuls' kernels (default: --kernel-backend)")
-    p.add_argument("--cpu-activations", default="int8", choices=["int8", "f32"],
-                   help="the C++ quantized matmul's activations: int8 per 32 with integer dot "
-                        "products (default; llama.cpp's arithmetic; Q4_0-Q8_0, Q4_K, Q6_K: 2x "
-                        "faster prefill, +0.4%% perplexity on the default model) or float32 "
-                        "(gguf-py's exact weights)")
+    p.add_argument("--cpu-activations", default="f32", choices=["f32", "int8"],
+                   help="the C++ quantized matmul's activations: float32 (default) or int8 per "
+                        "32 with integer dot products (llama.cpp's arithmetic; Q4_0-Q8_0, Q4_K, "
+                        "Q6_K): 2x faster prefill, +0.6%% perplexity on the default model")
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed even where only XLA's path runs")
     p.add_argument("--pooling", default="last", choices=["last", "mean"],

@@ -27,11 +27,11 @@ BACKENDS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
 @dataclass(frozen=True)
 class Backends:
     """The backend of each kernel family; a plain name anywhere a Backends goes means both (and
-    int8 activations). cpu_activations: what the C++ quantized matmul multiplies the packed
+    float32 activations). cpu_activations: what the C++ quantized matmul multiplies the packed
     weights by, int8 per 32 (integer dots, llama.cpp's arithmetic) or float32 (cpu.qmatmul)."""
     attention: str = "auto"
     matmul: str = "auto"
-    cpu_activations: str = "int8"
+    cpu_activations: str = "f32"
 
 
 def attention_of(backend: str | Backends) -> str:
