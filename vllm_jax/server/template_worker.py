@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 WORKER_MEMORY_BYTES = 1 << 30  # on top of what the worker uses when it starts
+READY = b"ready\n"
 
 
 class TemplateError(ValueError):
@@ -81,11 +82,17 @@ def _exchange(proc: subprocess.Popen, line: bytes) -> bytes:
 
 
 def _start_worker() -> subprocess.Popen:
+    """A worker that has imported what it renders with: its start-up (a second or more on a
+    busy machine) is not counted against the first template's time limit."""
     # subprocess (not the event loop's own spawning, which runs fork handlers in the child of a
     # multithreaded process); run from the folder holding this package, to import this code.
     root = Path(__file__).resolve().parents[2]
-    return subprocess.Popen([sys.executable, "-m", "vllm_jax.server.template_worker"], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_jax.server.template_worker"], cwd=root,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    if proc.stdout.readline() != READY:
+        proc.kill()
+        raise TemplateError("the template worker did not start")
+    return proc
 
 
 # -- the worker process ----------------------------------------------------------------------------
@@ -117,10 +124,14 @@ def _render(job: dict) -> dict:
 
 
 def main():
+    import vllm_jax.tokenizer  # noqa: F401  (before the first job's clock starts)
+
     try:
         _cap_memory()
     except (OSError, ValueError):  # no /proc or no RLIMIT_AS here: the time limit still holds
         pass
+    sys.stdout.buffer.write(READY)
+    sys.stdout.flush()
     for line in sys.stdin.buffer:
         sys.stdout.write(json.dumps(_render(json.loads(line))) + "\n")
         sys.stdout.flush()
