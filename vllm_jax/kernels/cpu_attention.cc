@@ -207,8 +207,12 @@ inline void merge_into(float* run, const float* part, int64_t g_count, int64_t d
   }
 }
 
-// The merged partial of a row's G heads -> their outputs.
+// The merged partial of a row's G heads -> their outputs (run null: a padding row, zeros).
 inline void finish(const float* run, float* out, int64_t g_count, int64_t dim) {
+  if (!run) {
+    std::fill(out, out + g_count * dim, 0.f);
+    return;
+  }
   for (int64_t g = 0; g < g_count; ++g) {
     const float inv = 1.f / run[g_count + g];
     const float* acc = run + 2 * g_count + g * dim;
@@ -241,13 +245,8 @@ void attend_rows(const Attn<T>& a, int64_t r0, int64_t r1, int64_t h, Scratch& w
       attend_span<D8>(a, r, seq[i], h, lo[i] + j, std::min(n[i] - j, kSpan), w, dst);
       if (j > 0) merge_into(run, dst, g_count, a.dim);
     }
-  for (int64_t r = r0, i = 0; r < r1; ++r, ++i) {
-    float* out = row_out(a, r, h);
-    if (n[i] == 0)  // a padding row
-      std::fill(out, out + g_count * a.dim, 0.f);
-    else
-      finish(w.run.data() + i * part, out, g_count, a.dim);
-  }
+  for (int64_t r = r0, i = 0; r < r1; ++r, ++i)
+    finish(n[i] ? w.run.data() + i * part : nullptr, row_out(a, r, h), g_count, a.dim);
 }
 
 // Few rows (decode steps): every (row, KV head, span) is one item for the threads; each pair's
@@ -270,15 +269,10 @@ void attend_split(const Attn<T>& a, int64_t rows, const std::vector<int64_t>& fi
                     parts.data() + i * part);
   });
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    float* out = row_out(a, pair / a.kv_heads, pair % a.kv_heads);
-    if (first[pair] == first[pair + 1]) {  // a padding row
-      std::fill(out, out + g_count * a.dim, 0.f);
-      continue;
-    }
-    float* run = parts.data() + first[pair] * part;
+    float* run = first[pair] == first[pair + 1] ? nullptr : parts.data() + first[pair] * part;
     for (int64_t i = first[pair] + 1; i < first[pair + 1]; ++i)
       merge_into(run, parts.data() + i * part, g_count, a.dim);
-    finish(run, out, g_count, a.dim);
+    finish(run, row_out(a, pair / a.kv_heads, pair % a.kv_heads), g_count, a.dim);
   }
 }
 
