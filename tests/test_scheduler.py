@@ -111,20 +111,60 @@ def measured_budget(slowdown=2.0, min_tokens=4, fixed=0.05, per_token=0.01):
 
 
 def test_measured_costs_cap_prompt_tokens_to_the_allowed_slowdown():
-    assert MixedStepBudget(2.0).prompt_tokens(3) is None  # nothing measured: no limit
-    # 3 rows take 0.05 + 0.03 s; 2x that allows 0.08 s more: 8 prompt tokens
-    assert measured_budget(slowdown=2.0).prompt_tokens(3) == 8
-    assert measured_budget(slowdown=1.5).prompt_tokens(3) == 4
-    assert measured_budget(slowdown=2.0).prompt_tokens(13) == 18  # more rows, more room
+    # 3 streams decoding take 0.05 + 0.03 s; 2x that allows 0.08 s more: 8 prompt tokens
+    assert measured_budget(slowdown=2.0).prompt_tokens(3, 3) == 8
+    assert measured_budget(slowdown=1.5).prompt_tokens(3, 3) == 4
+    assert measured_budget(slowdown=2.0).prompt_tokens(13, 13) == 18  # more rows, more room
     # a device whose steps cost mostly their fixed part: a large budget
-    assert measured_budget(fixed=1.0, per_token=0.001).prompt_tokens(3) >= 1000
+    assert measured_budget(fixed=1.0, per_token=0.001).prompt_tokens(3, 3) >= 1000
+
+
+def test_the_yardstick_is_a_decode_step_of_every_stream_the_batch_is_heading_for():
+    # 3 rows decoding, 13 streams once the waiting prompts run: 2 * (0.05 + 0.13) s allows
+    # 0.36 - 0.05 s of tokens, 31 of them, 28 beside the 3 rows
+    assert measured_budget(slowdown=2.0).prompt_tokens(3, 13) == 28
+    # so a busy step holds the same tokens however many rows decode yet
+    budget = measured_budget(slowdown=2.0)
+    assert {r + budget.prompt_tokens(r, 13) for r in (1, 3, 8, 13)} == {31}
+    # unmeasured, the fixed part counts as nothing: 2 * 13 tokens a step
+    assert MixedStepBudget(2.0).prompt_tokens(3, 13) == 23
+    assert MixedStepBudget(2.0, min_tokens=16).prompt_tokens(3, 3) == 16  # never below the floor
+
+
+def test_few_rows_decoding_still_admit_a_queue_of_prompts_at_the_pace_of_all_streams():
+    """8 rows decoding and 24 prompts waiting: measured against the 8 rows, a step could carry
+    only ~8 prompt tokens, the queue drained as slowly as the 8 streams finished and the batch
+    never grew; measured against the 32 streams it is heading for, it carries ~56."""
+    budget = measured_budget(slowdown=2.0, fixed=0.0, per_token=0.01)
+    sched = make_scheduler(num_blocks=512, budget=512, max_prefill_seqs=8, step_budget=budget)
+    sched.max_num_seqs = 32
+    decoding(sched, *[4] * 8)
+    for i in range(24):
+        sched.add(request(40, first=100 + 40 * i))
+    batch = sched.schedule()
+    assert batch.num_decode_rows == 8
+    assert batch.num_tokens - batch.num_decode_rows == 2 * 32 - 8
+
+
+def test_a_capped_step_ends_at_a_token_bucket():
+    """The device pads a step to its token bucket and computes the padding: a cap that ends
+    inside a bucket is cut back to the bucket below (unless that leaves under the minimum)."""
+    budget = measured_budget(slowdown=2.0, min_tokens=4, fixed=0.0, per_token=0.01)
+    sched = make_scheduler(num_blocks=512, budget=128, max_prefill_seqs=8, step_budget=budget,
+                           token_buckets=[16, 32, 64, 128])
+    sched.max_num_seqs = 32
+    decoding(sched, *[4] * 3)
+    for i in range(6):
+        sched.add(request(40, first=100 + 40 * i))
+    assert budget.prompt_tokens(3, 9) == 15  # 18 tokens: inside the bucket of 32
+    assert sched.schedule().num_tokens == 16
 
 
 def test_steps_all_of_one_size_do_not_yet_fit_a_cost():
     budget = MixedStepBudget(2.0)
     for _ in range(20):
         budget.observe(32, 0.1)
-    assert budget.cost() is None and budget.prompt_tokens(32) is None
+    assert budget.cost() is None
 
 
 def test_the_step_budget_caps_mixed_steps_and_prompts_still_finish():
@@ -134,7 +174,7 @@ def test_the_step_budget_caps_mixed_steps_and_prompts_still_finish():
     long = request(40, first=100)
     sched.add(long)
     while long.num_output_tokens == 0:
-        allowed = budget.prompt_tokens(2)
+        allowed = budget.prompt_tokens(2, 3)  # heading for 3 streams: the long one too
         batch = sched.schedule()
         assert batch.seqs[:2] == running
         assert batch.num_tokens - batch.num_decode_rows <= allowed

@@ -125,8 +125,8 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "device's work (default: on)")
     p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
                    help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
-                        "capped so that a step takes at most X pure decode steps' time, as "
-                        "measured while serving (default 2)")
+                        "capped so that a step takes at most X times a decode step of every "
+                        "running and waiting stream, as measured while serving (default 2)")
     p.set_defaults(**defaults)
 
 

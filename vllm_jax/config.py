@@ -24,8 +24,9 @@ class EngineConfig:
     # most prompt tokens in a step beside decode rows (None: the whole budget); fewer keep the
     # running streams' gaps short, at the cost of time to first token
     mixed_prefill_tokens: int | None = None
-    # else a mixed step takes at most this many pure decode steps' time, its prompt tokens
-    # capped by costs measured while serving (engine/step_cost.py); None: the whole budget
+    # else a mixed step takes at most this many times a decode step of all the streams (running
+    # and waiting), its prompt tokens capped by costs measured while serving
+    # (engine/step_cost.py); None: the whole budget
     mixed_step_slowdown: float | None = 2.0
     # dispatch step N+1 before reading step N's tokens, so the host's work per step overlaps the
     # device's (engine/llm_engine.py); off: every step is read before the next is scheduled
