@@ -107,6 +107,33 @@ def test_qmatmul_many_equals_the_calls_one_by_one(qtype, activations):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(one(x, f, q)))
 
 
+@pytest.mark.parametrize("kernel", ["f32", "int8", "dense"])
+def test_zero_rows_at_the_end_are_skipped(kernel):
+    """A step's padding tokens reach the matmuls as zero rows (-0.0 too) after its real ones:
+    they come out 0 without being multiplied (a NaN weight shows it: 0 * NaN would be NaN), and
+    the rows before them come out as they would alone."""
+    rng = np.random.default_rng(23)
+    rows, cols = 37, 512
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if kernel == "dense":
+        w[5, 7] = np.nan
+        weight = jnp.asarray(w)
+        call = jax.jit(lambda x, f: cpu.dense_matmul(x, f))
+    else:
+        fields = dict(repack(quantize(w, "q8_0")))
+        d = np.array(fields["d"]).view(np.uint16)
+        d[5, 0] = 0x7E00  # a NaN scale
+        fields["d"] = d.view(fields["d"].dtype)
+        weight = {k: jnp.asarray(v) for k, v in fields.items()}
+        call = jax.jit(lambda x, f: cpu.qmatmul(x, f, "q8_0", kernel))
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    pad = np.zeros((13, cols), np.float32)
+    pad[4] = -0.0
+    got = np.asarray(call(jnp.asarray(np.concatenate([x, pad])), weight))
+    np.testing.assert_array_equal(got[:3], np.asarray(call(jnp.asarray(x), weight)))
+    assert np.isnan(got[:3, 5]).all() and (got[3:] == 0).all()
+
+
 def test_qmatmul_backend_on_a_prefill_sized_batch():
     fields, w, cols = _case("q4_1", 24, 4)
     x = np.random.default_rng(5).standard_normal((2, 70, cols)).astype(np.float32)  # 3 slices

@@ -60,6 +60,35 @@ def test_small_kv_cache_preempts_and_completes(family, alone):
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
+def test_padding_tokens_stay_zero_through_the_layers(family):
+    """The CPU matmuls skip the zero rows at the end of a step (kernels/cpu_common.h): a step's
+    padding tokens embed as 0 and attend to nothing, so in every family their hidden states stay
+    0 to the end, whichever row they follow (a prompt chunk, a decode row)."""
+    engine = make_engine(family)
+    runner, hidden = engine.runner, []
+    build = runner.model
+
+    def spying(leaves):
+        model = build(leaves)
+
+        def call(*args):
+            out = model(*args)
+            hidden.append(np.asarray(out[0]))
+            return out
+        return type("Spy", (), {"__call__": staticmethod(call),
+                                "__getattr__": lambda _, name: getattr(model, name)})()
+
+    runner.model = spying
+    engine.add_request(prompts(1, seed=4, lo=20, hi=21)[0], GREEDY)
+    batch = engine.scheduler.schedule()  # 20 prompt tokens: a bucket of 32
+    layout = runner.layout_for(batch)
+    ints, _ = runner.prepare(batch, layout)
+    runner._forward_pass(runner.leaves, runner.kv, ints, layout, runner.no_prev_tokens)
+    (h,) = hidden
+    assert h.shape[0] == layout.num_tokens > 20
+    assert (h[20:] == 0).all() and (np.abs(h[:20]).max(axis=1) > 0).all()
+
+
 def engine_kv_scale(path) -> float:
     """KV bytes per token relative to the 2-layer, 2 x 16-wide KV-head llama."""
     cfg = make_engine(path, kvcache_mem_mb=1).model_config

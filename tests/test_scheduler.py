@@ -146,20 +146,6 @@ def test_few_rows_decoding_still_admit_a_queue_of_prompts_at_the_pace_of_all_str
     assert batch.num_tokens - batch.num_decode_rows == 2 * 32 - 8
 
 
-def test_a_capped_step_ends_at_a_token_bucket():
-    """The device pads a step to its token bucket and computes the padding: a cap that ends
-    inside a bucket is cut back to the bucket below (unless that leaves under the minimum)."""
-    budget = measured_budget(slowdown=2.0, min_tokens=4, fixed=0.0, per_token=0.01)
-    sched = make_scheduler(num_blocks=512, budget=128, max_prefill_seqs=8, step_budget=budget,
-                           token_buckets=[16, 32, 64, 128])
-    sched.max_num_seqs = 32
-    decoding(sched, *[4] * 3)
-    for i in range(6):
-        sched.add(request(40, first=100 + 40 * i))
-    assert budget.prompt_tokens(3, 9) == 15  # 18 tokens: inside the bucket of 32
-    assert sched.schedule().num_tokens == 16
-
-
 def test_steps_all_of_one_size_do_not_yet_fit_a_cost():
     budget = MixedStepBudget(2.0)
     for _ in range(20):

@@ -113,8 +113,7 @@ class LLMEngine:
                                    max_prefill_seqs, mixed=config.mixed_steps,
                                    mixed_prefill_tokens=config.mixed_prefill_tokens,
                                    step_budget=MixedStepBudget(config.mixed_step_slowdown)
-                                   if config.mixed_step_slowdown else None,
-                                   token_buckets=self.runner.token_buckets)
+                                   if config.mixed_step_slowdown else None)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.speculator = (make_speculator(self, config.speculative_config)
                            if config.speculative_config else None)

@@ -3,10 +3,9 @@
 Mixed steps (the default, as vLLM V1 schedules): every running sequence past its prompt gets a
 decode row (one token), then prompt chunks of up to `max_prefill_seqs` sequences fill the rest of
 `max_num_batched_tokens` (long prompts split across steps; at most `mixed_prefill_tokens` beside
-decode rows, when set; else as many as `step_budget` allows, engine/step_cost.py, the step ending
-at a token bucket since the device computes the padded bucket), so running streams never wait
-while prompts prefill. A step with no prompt chunk is a pure decode step. With `mixed=False` a
-step is either prompt chunks (they go first) or decode rows, never both.
+decode rows, when set; else as many as `step_budget` allows: engine/step_cost.py), so running
+streams never wait while prompts prefill. A step with no prompt chunk is a pure decode step.
+With `mixed=False` a step is either prompt chunks (they go first) or decode rows, never both.
 
 When a decode row finds no free page, the most recently admitted sequences are preempted: their
 pages are freed and they are recomputed later; no new sequence is admitted in that step.
@@ -41,8 +40,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True,
                  mixed_prefill_tokens: int | None = None,
-                 step_budget: MixedStepBudget | None = None,
-                 token_buckets: list[int] | None = None):
+                 step_budget: MixedStepBudget | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -50,7 +48,6 @@ class Scheduler:
         self.mixed = mixed
         self.mixed_prefill_tokens = mixed_prefill_tokens
         self.step_budget = step_budget
-        self.token_buckets = token_buckets or []  # a step's tokens are padded up to one of these
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspects: deque[Sequence] = deque()  # to run alone before anything else
@@ -111,15 +108,7 @@ class Scheduler:
         if self.mixed_prefill_tokens or self.step_budget is None:
             return self.mixed_prefill_tokens
         streams = min(self.max_num_seqs, len(self.running) + len(self.waiting))
-        cap = self.step_budget.prompt_tokens(num_decode_rows, streams)
-        if cap is None:
-            return None
-        # the device computes the padded bucket: end the step at the bucket below, unless that
-        # leaves fewer than the minimum
-        below = [b for b in self.token_buckets if b <= num_decode_rows + cap]
-        if below and below[-1] - num_decode_rows >= self.step_budget.min_tokens:
-            return below[-1] - num_decode_rows
-        return cap
+        return self.step_budget.prompt_tokens(num_decode_rows, streams)
 
     def observe(self, batch: ScheduledBatch, seconds: float):
         """`batch` ran in `seconds` (the engine reports steps that did not compile)."""

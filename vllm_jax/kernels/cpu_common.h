@@ -348,4 +348,30 @@ void parallel_for_each(const std::vector<int64_t>& rows, int64_t multiple, F bod
   });
 }
 
+// The matmul kernels' inputs x [tokens, cols]: rows past the last one with a nonzero value (+0
+// and -0 are zero) are a step's padding tokens, whose embeddings and attention outputs are 0 so
+// that every layer's input row for them is 0 (models/layers.py). Their products with finite
+// weights are 0: the kernels multiply rows [0, rows_in_use) and zero the output rows after.
+template <typename T>  // float, half or bfloat16
+inline int64_t rows_in_use(const T* x, int64_t tokens, int64_t cols) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  constexpr Bits magnitude = Bits(~Bits(0)) >> 1;
+  for (; tokens > 0; --tokens) {
+    Bits any = 0;
+    const T* row = x + (tokens - 1) * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      Bits b;
+      std::memcpy(&b, row + c, sizeof(b));
+      any |= b & magnitude;
+    }
+    if (any) break;
+  }
+  return tokens;
+}
+
+// y [tokens, rows]: rows [from, tokens) set to 0
+inline void zero_rows(float* y, int64_t from, int64_t tokens, int64_t rows) {
+  if (tokens > from) std::memset(y + from * rows, 0, sizeof(float) * (tokens - from) * rows);
+}
+
 }  // namespace vllm_jax

@@ -288,7 +288,11 @@ template <int G, typename W>
 bool with_x(const ffi::AnyBuffer& x, const std::vector<Weight>& ws) {
   const int64_t tokens = x.dimensions()[0], cols = x.dimensions()[1];
   const void* xd = x.untyped_data();
-  auto run = [&](auto* xp) { dense<G, W>(ws, xp, tokens, cols); };
+  auto run = [&](auto* xp) {
+    const int64_t used = rows_in_use(xp, tokens, cols);
+    dense<G, W>(ws, xp, used, cols);
+    for (const Weight& w : ws) zero_rows(w.y, used, tokens, w.rows);
+  };
   switch (x.element_type()) {  // pairs (G = 2): bfloat16 activations only
     case ffi::DataType::BF16: return run(static_cast<const bfloat16*>(xd)), true;
     case ffi::DataType::F32: if constexpr (G == 1) return run(static_cast<const float*>(xd)), true;

@@ -588,8 +588,10 @@ ffi::Error Q8Dot(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::Remainin
     probs.push_back(p), rows.push_back(w.rows);
   }
   thread_local QuantX qx;
-  for (int64_t s0 = 0; s0 < tokens; s0 += kSliceTokens) {
-    const int64_t n = std::min(kSliceTokens, tokens - s0);
+  const int64_t used = rows_in_use(x.typed_data(), tokens, cols);
+  for (const Weight& w : ws) zero_rows(w.y, used, tokens, w.rows);
+  for (int64_t s0 = 0; s0 < used; s0 += kSliceTokens) {
+    const int64_t n = std::min(kSliceTokens, used - s0);
     for (size_t i = 0; i < ws.size(); ++i)
       probs[i].tokens = n, probs[i].x = &qx, probs[i].y = ws[i].y + s0 * rows[i];
     const float* xs = x.typed_data() + s0 * cols;

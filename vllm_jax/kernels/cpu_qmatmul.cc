@@ -531,7 +531,9 @@ ffi::Error QMatmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::Remain
   std::vector<Weight> ws;
   if (!read_weights(args, ys, qtypes, counts, tokens, &ws))
     return ffi::Error::InvalidArgument("vllm_jax_qmatmul: bad quantized weight fields");
-  qmatmul(ws, x.typed_data(), tokens, cols);
+  const int64_t used = rows_in_use(x.typed_data(), tokens, cols);
+  qmatmul(ws, x.typed_data(), used, cols);
+  for (const Weight& w : ws) zero_rows(w.y, used, tokens, w.rows);
   return ffi::Error::Success();
 }
 

@@ -30,6 +30,9 @@ from vllm_jax.kernels.quant import PackedWeight
 from vllm_jax.models.base import ConfigError, Rope
 
 
+PAD_TOKEN = 2**31 - 1  # the id of a step's padding tokens: past any vocabulary, embedded as 0
+
+
 class AttnMetadata(NamedTuple):
     positions: jax.Array  # [T]
     slot_mapping: jax.Array  # [T] cache slot per token; out of range for padding
@@ -167,11 +170,16 @@ class Embedding(nnx.Module):
         self.scale = scale
 
     def __call__(self, ids):
+        """ids past the vocabulary (a step's padding tokens: PAD_TOKEN) embed as zeros."""
         lin = self.linear
+
+        def gather(table):
+            return jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+
         if lin.qtype is None:
-            x = lin.weight[...][ids].astype(self.dtype)  # 16-bit rows of an f32 model: exact
+            x = gather(lin.weight[...]).astype(self.dtype)  # 16-bit rows of an f32 model: exact
         else:
-            rows = {k: v[ids] for k, v in lin.fields().items()}
+            rows = {k: gather(v) for k, v in lin.fields().items()}
             x = quant.dequantize(rows, lin.qtype, lin.cols, self.dtype)
         if self.scale is not None:
             x = x * jnp.asarray(self.scale, x.dtype)
@@ -281,6 +289,10 @@ class Attention(nnx.Module):
             args = ((meta.block_tables, meta.context_lens) if decode else
                     (meta.seq_idx, meta.positions, meta.block_tables, meta.context_lens))
             o = attend(q, *kv, *args, backend=self.backend, **static)
+            # a padding token (its slot out of range) gets 0, as its embedding does: its rows
+            # stay 0 through every layer, and the CPU matmuls skip zero rows at the end
+            slots = kv[0].shape[1] * kv[0].shape[2]
+            o = jnp.where((meta.slot_mapping < slots)[:, None, None], o, 0)
         return self.o_proj(o.reshape(t, -1)), kv
 
 

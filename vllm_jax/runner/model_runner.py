@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vllm_jax import parallel
 from vllm_jax.kernels import lowering
 from vllm_jax.engine.scheduler import ScheduledBatch
-from vllm_jax.models.layers import AttnMetadata
+from vllm_jax.models.layers import PAD_TOKEN, AttnMetadata
 from vllm_jax.runner.sampler import MAX_LOGPROBS, SamplingArrays, sample
 
 log = logging.getLogger("vllm_jax")
@@ -266,6 +266,7 @@ class ModelRunner:
         oob = self.num_pages * self.page_size
         a = {name: np.zeros(size, np.int32) for name, size in layout.int_sizes()}
         a["slot_mapping"][:] = oob
+        a["tokens"][:] = PAD_TOKEN
         a["prev_row"][:] = -1
         a["seq_idx"][:] = s - 1
         a["banned"][:] = -1
