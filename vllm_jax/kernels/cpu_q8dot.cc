@@ -12,8 +12,10 @@
 // AVX-VNNI: 256-bit), else vpmaddubsw + vpmaddwd (AVX2), else a loop; which one is fixed when the
 // file is compiled for the machine (-march=native). Vectors are 256-bit on every path.
 //
-// Up to 4 tokens (decode): one weight row at a time, 8 blocks unpacked in registers and
-// transposed so that lane k sums block k. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
+// Up to 4 tokens (decode): one weight row at a time, each block's dot in one vector (lanes 0-3:
+// its first 16 weights, 4-7: the next 16; a 4- or 5-bit pair of blocks in one, x stored in the
+// matching order) and 8 blocks' dots reduced together with horizontal adds so that lane k
+// holds block k's sum. More tokens: a panel of 32 rows (16 without AVX-512 VNNI) is unpacked once and
 // transposed so that one vector holds 4 consecutive bytes of each of 16 (8) rows; a 4-byte
 // broadcast of a token's activations then gives 16 (8) rows' partial dots per instruction (the
 // GEMM micro-kernel shape), for every token of the panel's tiles. Both add the blocks' float
@@ -63,24 +65,26 @@ constexpr int kTileTokens = 2;
 
 // x [tokens, cols] quantized per 32, each block's scale d and sums d * sum(q) over its 32 and
 // each 16 (the "sums": d, s32, s16, s16'), bytes 4i..4i+3 of a block kept together (one lane of
-// a dot). For few tokens token by token, q at t * cols: the blocks below nj8 (nj rounded down
-// to 8) as the row path's transposed weights, [group of 8][i][block k][4], the rest as they
-// are; the sums at s + 4 * t * nj as [d, s32, s16, s16'][nj]. For many in the tiles' order:
+// a dot). For few tokens token by token, q at t * cols in order, the sums at s + 4 * t * nj as
+// [d, s32, s16, s16'][nj], and in qp at t * cols the blocks below nj8 (nj rounded down to 8) in
+// pairs as the 4-bit types unpack them (Legacy::pair): blocks 2m, 2m + 1 at 64m as [2m's bytes
+// 0-15, 2m+1's 0-15, 2m's 16-31, 2m+1's 16-31]. For many in the tiles' order:
 // the tokens [t0, t0 + n) of a tile (n = kTileTokens, or what is left) at q + t0 * cols as
 // [32-block j][i][n][4] (a tile reads one stream, each 4 bytes its broadcast), their sums at
 // s + 4 * t0 * nj as [j][d, s32, s16, s16'][n]
 struct QuantX {
   int64_t tokens = 0, cols = 0, nj = 0;
   bool tiles = false;
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, qp;
   std::vector<float> s;
 
   void resize(int64_t t, int64_t c, bool tiled) {
     tokens = t, cols = c, nj = c / 32, tiles = tiled;
-    q.resize(t * c), s.resize(4 * t * nj);
+    q.resize(t * c), s.resize(4 * t * nj), qp.resize(tiled ? 0 : t * c);
   }
-  // token t's bytes of block j (j >= nj8), or of the 8 blocks from j (j < nj8) as [i][k][4]
+  // token t's bytes of block j, and of the pair of blocks j, j + 1 (j even, < nj8) (few tokens)
   const int8_t* qb(int64_t t, int64_t j) const { return q.data() + t * cols + 32 * j; }
+  const int8_t* qpair(int64_t t, int64_t j) const { return qp.data() + t * cols + 32 * j; }
   // sums(t, j)[k * nj]: the d, s32, s16, s16' (k = 0..3) of token t's block j
   const float* sums(int64_t t, int64_t j) const { return s.data() + 4 * t * nj + j; }
   const int8_t* tile_q(int64_t t0) const { return q.data() + t0 * cols; }
@@ -128,9 +132,7 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       float* st;  // where sums[k] goes: st + k * stride
       int64_t step, stride;
       if (!qx->tiles) {
-        const bool grouped = j < nj / 8 * 8;
-        qd = qx->q.data() + t * cols + (grouped ? 32 * (j / 8 * 8) + 4 * (j % 8) : 32 * j);
-        step = grouped ? 32 : 4;
+        qd = qx->q.data() + t * cols + 32 * j, step = 4;
         st = qx->s.data() + 4 * t * nj + j, stride = nj;
       } else {
         const int64_t first = t / kTileTokens * kTileTokens, i = t - first;
@@ -140,6 +142,10 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, QuantX* qx) {
       }
       for (int i = 0; i < 8; ++i) std::memcpy(qd + i * step, q + 4 * i, 4);
       for (int k = 0; k < 4; ++k) st[k * stride] = sums[k];
+      if (!qx->tiles && j < nj / 8 * 8) {
+        int8_t* pd = qx->qp.data() + t * cols + 32 * (j & ~int64_t(1)) + 16 * (j & 1);
+        std::memcpy(pd, q, 16), std::memcpy(pd + 32, q + 16, 16);
+      }
     }
 }
 
@@ -190,7 +196,7 @@ template <QType t>
 struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * q + m
   static constexpr int kBlock = 32, kMax = t == Q8_0 ? 255 : t <= Q4_1 ? 15 : 31;
   static constexpr bool kHalves = false, has_m = t == Q4_1 || t == Q5_1;
-  static constexpr bool has_h = t == Q5_0 || t == Q5_1;
+  static constexpr bool has_h = t == Q5_0 || t == Q5_1, kPaired = t != Q8_0;
   static constexpr float kOffset = t == Q4_0 ? 8.f : t == Q5_0 ? 16.f : t == Q8_0 ? 128.f : 0.f;
   const uint8_t *d, *m, *qh, *qs;
 
@@ -214,6 +220,19 @@ struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * 
     const float db = f16_at(d, b), c = has_m ? f16_at(m, b) : -kOffset * db;
     use(b, u, Scales{{db, db}, {c, c}});
   }
+  // Q4/Q5 blocks b, b + 1 from one load: lo = [b's weights 0-15, b + 1's 0-15], hi = the same
+  // of their weights 16-31 (QuantX's qp order)
+  inline void pair(int64_t b, u8x32* lo, u8x32* hi) const {
+    static_assert(kPaired, "4- and 5-bit blocks");
+    const u8x32 v = load<u8x32>(qs + 16 * b);
+    *lo = v & 15, *hi = v >> 4;
+    if constexpr (has_h) {
+      uint32_t h[2];
+      std::memcpy(h, qh + 4 * b, 8);
+      *lo |= fifth_bits((h[0] & 0xffff) | (h[1] << 16));
+      *hi |= fifth_bits((h[0] >> 16) | (h[1] & 0xffff0000u));
+    }
+  }
   Scales8 scales8(int64_t g) const {
     const f8 db = load8(reinterpret_cast<const half*>(d) + 8 * g);
     const f8 c = has_m ? load8(reinterpret_cast<const half*>(m) + 8 * g) : bcast<f8>(-kOffset) * db;
@@ -223,7 +242,7 @@ struct Legacy {  // Q4_0..Q8_0, 32 weights a block: w = d * (q - offset) or d * 
 
 struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - dmin * m
   static constexpr int kBlock = 256, kMax = 15;
-  static constexpr bool kHalves = false;
+  static constexpr bool kHalves = false, kPaired = false;
   const uint8_t *d, *dm, *sc, *m, *qs;
   Q4K(const Fields& f, int64_t n)
       : d(f.row(0, n)), dm(f.row(1, n)), sc(f.row(2, n)), m(f.row(3, n)), qs(f.row(4, n)) {}
@@ -249,7 +268,7 @@ struct Q4K {  // d, dmin, sc, m, qs; 8 scales and mins of 32: w = d * sc * q - d
 
 struct Q6K {  // d, sc (int8), ql, qh; 16 scales of 16: w = d * sc * (q - 32)
   static constexpr int kBlock = 256, kMax = 63;
-  static constexpr bool kHalves = true;
+  static constexpr bool kHalves = true, kPaired = false;
   const uint8_t *d, *ql, *qh;
   const int8_t* sc;
   Q6K(const Fields& f, int64_t n)
@@ -365,42 +384,91 @@ inline float lane_sum(f8 a) {
 
 // -- few tokens: a row at a time ---------------------------------------------------------------
 
-// one 32-block's terms (see add_dot) from its Scales and x's sums (x[k * nj], QuantX::sums)
+// one 32-block's terms (see add_dot) from its Scales and x's sums (x[k * nj], QuantX::sums);
+// lo, hi: the integer dots of the first and the next 16 weights (kHalves), else lo the whole
+// dot (hi unused)
 template <bool kHalves, typename V>
 inline V add_block(V acc, V lo, V hi, V s, V s1, V c, V c1, const float* x, int64_t nj) {
   const V d = load<V>(x);
-  acc = kHalves ? add_dot(add_dot(acc, lo, s, d), hi, s1, d) : add_dot(acc, lo + hi, s, d);
+  acc = kHalves ? add_dot(add_dot(acc, lo, s, d), hi, s1, d) : add_dot(acc, lo, s, d);
   return add_mins<kHalves>(acc, c, c1, load<V>(x + nj), load<V>(x + 2 * nj), load<V>(x + 3 * nj));
 }
 
-// Row n times TT tokens, 8 blocks at a time: their bytes transposed (lane k: block k's), so
-// that 8 instructions leave block k's dot in lane k (the first 16 weights' in lo, the next 16's
-// in hi where kHalves), the float sums' lanes; then a legacy row's last nj % 8 blocks one by
-// one. One row at a time: each field one stream (4 rows' blocks in turn, 4 streams a field,
-// were 1.3x slower on the 49152-row lm_head from memory)
+// d[k]: block k's dot spread over 8 lanes (0-3: its first 16 weights, 4-7: the next 16) ->
+// lane k of lo, hi: the sum of d[k]'s lanes 0-3, 4-7
+inline void block_sums(const i32x8 (&d)[8], i32x8* lo, i32x8* hi) {
+#if defined(__AVX2__)
+  auto half = [&](int k) {  // [d_k's 0-3 sum, .., d_k+3's | d_k's 4-7 sum, .., d_k+3's]
+    const __m256i a = _mm256_hadd_epi32((__m256i)d[k], (__m256i)d[k + 1]);
+    return _mm256_hadd_epi32(a, _mm256_hadd_epi32((__m256i)d[k + 2], (__m256i)d[k + 3]));
+  };
+  const __m256i a = half(0), b = half(4);
+  *lo = (i32x8)_mm256_permute2x128_si256(a, b, 0x20);
+  *hi = (i32x8)_mm256_permute2x128_si256(a, b, 0x31);
+#else
+  for (int k = 0; k < 8; ++k) {
+    (*lo)[k] = d[k][0] + d[k][1] + d[k][2] + d[k][3];
+    (*hi)[k] = d[k][4] + d[k][5] + d[k][6] + d[k][7];
+  }
+#endif
+}
+
+// d[m]: the dots of blocks 2m (lanes 0-3), 2m + 1 (4-7) -> lane k: block k's
+inline i32x8 pair_sums(const i32x8 (&d)[4]) {
+#if defined(__AVX2__)
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32((__m256i)d[0], (__m256i)d[1]),
+                                      _mm256_hadd_epi32((__m256i)d[2], (__m256i)d[3]));
+  return (i32x8)_mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+#else
+  i32x8 r{};
+  for (int k = 0; k < 8; ++k)
+    for (int i = 4 * (k & 1); i < 4 * (k & 1) + 4; ++i) r[k] += d[k / 2][i];
+  return r;
+#endif
+}
+
+// Row n times TT tokens, 8 blocks at a time: each block's dot with a token in one vector (two
+// blocks' in one where kPaired: a 4-bit pair's one load unpacks with 2 and/shift operations),
+// the 8 reduced at once (block_sums, pair_sums) into lane k of the float sums; then a legacy
+// row's last nj % 8 blocks one by one. One row at a time: each field one stream (4 rows' blocks
+// in turn, 4 streams a field, were 1.3x slower on the 49152-row lm_head from memory)
 template <typename D, int TT>
-inline void row_dots(const Problem& p, int64_t n) {
+__attribute__((always_inline)) inline void row_dots(const Problem& p, int64_t n) {
   constexpr int kPer = 256 / D::kBlock;  // the decoder's blocks in 8 32-blocks
   const D row(p.f, n);
   f8 acc[TT] = {};
   for (int64_t g = 0; g < p.nj / 8; ++g) {
-    f8 w[8];
+    const Scales8 sc = row.scales8(g);
+    if constexpr (D::kPaired) {
+      u8x32 lo[4], hi[4];
+#pragma GCC unroll 4
+      for (int m = 0; m < 4; ++m) row.pair(8 * g + 2 * m, lo + m, hi + m);
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        const int8_t* xq = p.x->qpair(t, 8 * g);
+        i32x8 d[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < 4; ++m)
+          d[m] = dot<D::kMax>(dot<D::kMax>(i32x8{}, lo[m], load<i8x32>(xq + 64 * m)), hi[m],
+                              load<i8x32>(xq + 64 * m + 32));
+        acc[t] = add_block<false>(acc[t], to_f8(pair_sums(d)), f8{}, sc.s, sc.s1, sc.c, sc.c1,
+                                  p.x->sums(t, 8 * g), p.nj);
+      }
+      continue;
+    }
+    u8x32 w[8];
 #pragma GCC unroll 8
     for (int i = 0; i < kPer; ++i)
-      row.block(kPer * g + i, [&](int64_t j, u8x32 u, const Scales&) { w[j - 8 * g] = f8(u); });
-    transpose8(w);
-    const Scales8 sc = row.scales8(g);
+      row.block(kPer * g + i, [&](int64_t j, u8x32 u, const Scales&) { w[j - 8 * g] = u; });
 #pragma GCC unroll 4
     for (int t = 0; t < TT; ++t) {
       const int8_t* xq = p.x->qb(t, 8 * g);
-      i32x8 lo{}, hi{};
+      i32x8 d[8], lo, hi;
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        i32x8& d = D::kHalves && i >= 4 ? hi : lo;
-        d = dot<D::kMax>(d, u8x32(w[i]), load<i8x32>(xq + 32 * i));
-      }
-      acc[t] = add_block<D::kHalves>(acc[t], to_f8(lo), to_f8(hi), sc.s, sc.s1, sc.c, sc.c1,
-                                     p.x->sums(t, 8 * g), p.nj);
+      for (int i = 0; i < 8; ++i) d[i] = dot<D::kMax>(i32x8{}, w[i], load<i8x32>(xq + 32 * i));
+      block_sums(d, &lo, &hi);
+      acc[t] = add_block<D::kHalves>(acc[t], to_f8(D::kHalves ? lo : lo + hi), to_f8(hi), sc.s,
+                                     sc.s1, sc.c, sc.c1, p.x->sums(t, 8 * g), p.nj);
     }
   }
   float y[TT];
@@ -411,7 +479,8 @@ inline void row_dots(const Problem& p, int64_t n) {
         i32x8 q = dot<D::kMax>(i32x8{}, u, load<i8x32>(p.x->qb(t, j)));
         q += __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5);
         q += __builtin_shufflevector(q, q, 1, 0, 3, 2, 5, 4, 7, 6);  // 0: the first 16's, 4: next
-        y[t] = add_block<D::kHalves>(y[t], float(q[0]), float(q[4]), w.s[0], w.s[1], w.c[0],
+        const int32_t lo = D::kHalves ? q[0] : q[0] + q[4];
+        y[t] = add_block<D::kHalves>(y[t], float(lo), float(q[4]), w.s[0], w.s[1], w.c[0],
                                      w.c[1], p.x->sums(t, j), p.nj);
       }
     });
@@ -421,9 +490,21 @@ inline void row_dots(const Problem& p, int64_t n) {
 // measured: the Q8_0 lm_head at 3-4 tokens 1.5-1.9x faster here than in tiles
 constexpr int64_t kFewTokens = 4;
 
+// The bytes of the row kAhead rows on are asked for before each row: one core's misses from
+// memory otherwise left the Q8_0 lm_head at ~24 GB/s (prefetching 16 rows on: ~31; 8: ~28)
+constexpr int64_t kAhead = 16;
+
 template <typename D, int TT>
 void few_rows(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) row_dots<D, TT>(p, n);
+  int nf = 0;
+  while (nf < kMaxFields && p.f.base[nf]) ++nf;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + kAhead < n1)
+      for (int i = 0; i < nf; ++i)
+        for (int64_t o = 0; o < p.f.stride[i]; o += 64)
+          __builtin_prefetch(p.f.row(i, n + kAhead) + o, 0, 3);
+    row_dots<D, TT>(p, n);
+  }
 }
 
 // -- many tokens: panels of kRows rows times kTileTokens tokens ---------------------------------
