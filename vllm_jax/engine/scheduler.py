@@ -167,15 +167,20 @@ class Scheduler:
     def _decode_step(self, rows: list[Sequence]) -> ScheduledBatch | None:
         if not rows:
             return None
-        k = self.decode_steps
-        if k > 1 and not self.waiting and all(self._may_run(seq, k) for seq in rows):
-            bm = self.block_manager
-            if sum(bm.pages_needed(seq.num_tokens + k - 1) - len(seq.block_table)
-                   for seq in rows) <= bm.num_free:
-                for seq in rows:
-                    bm.may_append(seq, seq.num_tokens + k - 1)
-                return ScheduledBatch(True, rows, [1] * len(rows), len(rows), k)
-        return ScheduledBatch(True, rows, [1] * len(rows), len(rows))
+        return ScheduledBatch(True, rows, [1] * len(rows), len(rows), self._run_length(rows))
+
+    def _run_length(self, rows: list[Sequence]) -> int:
+        """decode_steps when nothing waits, every row may run that far ahead and the pages for
+        all of them are free (they are taken here), else 1."""
+        k, bm = self.decode_steps, self.block_manager
+        if k == 1 or self.waiting or not all(self._may_run(seq, k) for seq in rows):
+            return 1
+        if sum(bm.pages_needed(seq.num_tokens + k - 1) - len(seq.block_table)
+               for seq in rows) > bm.num_free:
+            return 1
+        for seq in rows:
+            bm.may_append(seq, seq.num_tokens + k - 1)
+        return k
 
     def _may_run(self, seq: Sequence, k: int) -> bool:
         """`seq` may decode k steps in one dispatch: it may sample k more tokens, and no step
