@@ -1,7 +1,8 @@
 """Async scheduling (the next step dispatched before the previous one is read) gives exactly what
 synchronous steps give: the same tokens, texts and finish reasons, through stops, n > 1,
-preemption and prefix hits; steps that need their tokens on the host are read at once; a step
-that fails on the device while the next one runs still costs only its own request."""
+preemption and prefix hits, and so do several decode steps in one dispatch; steps that need
+their tokens on the host are read at once; a step that fails on the device while the next one
+runs still costs only its own request."""
 from __future__ import annotations
 
 import jax
@@ -98,6 +99,19 @@ def test_async_steps_give_what_synchronous_steps_give(small_cache_engine):
     assert_same_outputs(outs[False], outs[True])
     reasons = {(c.finish_reason, type(c.stop_reason)) for o in outs[True] for c in o.outputs}
     assert {("length", type(None)), ("stop", int), ("stop", str)} <= reasons
+
+
+def test_several_decode_steps_per_dispatch_give_what_single_steps_give(small_cache_engine,
+                                                                      monkeypatch):
+    engine = small_cache_engine
+    ps, params = workload(engine)
+    monkeypatch.setattr(engine.scheduler, "decode_steps", 1)
+    single = generate(engine, ps, params, async_scheduling=False)
+    monkeypatch.setattr(engine.scheduler, "decode_steps", 4)
+    events = recorded(engine, monkeypatch)
+    assert_same_outputs(single, generate(engine, ps, params, async_scheduling=True))
+    runs = [batch for _, batch in events if batch is not None and batch.num_steps == 4]
+    assert runs and any(len(batch.seqs) > 1 for batch in runs)
 
 
 def recorded(engine, monkeypatch) -> list[tuple[str, object]]:

@@ -102,6 +102,40 @@ def test_out_of_pages_a_decode_row_preempts_the_newest_and_admits_nobody():
 
 
 
+def test_with_nothing_waiting_a_decode_step_runs_several_steps_with_their_pages():
+    sched = make_scheduler(decode_steps=4, max_model_len=64)
+    running = decoding(sched, 3, 6)  # 4 and 7 tokens: positions up to 6 and 9 next
+    batch = sched.schedule()
+    assert batch.decode and batch.seqs == running and batch.num_steps == 4
+    assert batch.num_new_tokens == [1, 1]  # what the first step computes
+    assert [len(s.block_table) for s in running] == [2, 3]  # pages for 7 and 10 tokens
+
+
+def near_end(sched, **params):
+    seq = Sequence(list(range(5)), SamplingParams(**params), seed=0)
+    sched.add(seq)
+    run(sched.schedule())
+    return seq
+
+
+def test_a_decode_step_runs_alone_when_a_prompt_waits_or_a_row_may_not_run_ahead():
+    for params in [None, dict(max_tokens=4), dict(logprobs=1), dict(presence_penalty=0.5)]:
+        sched = make_scheduler(decode_steps=4, max_model_len=64)
+        decoding(sched, 3)
+        near_end(sched, **params or {})
+        if params is None:  # a prompt waits for a free row: it would wait for the whole run
+            sched.max_num_seqs = 2
+            sched.add(request(5, first=200))
+        assert sched.schedule().num_steps == 1, params
+    sched = make_scheduler(decode_steps=4, max_model_len=9)  # 6 tokens: 3 more fit
+    decoding(sched, 5)
+    assert sched.schedule().num_steps == 1
+    sched = make_scheduler(num_blocks=2, decode_steps=4)  # 7 tokens: 10 need a third page
+    decoding(sched, 6)
+    batch = sched.schedule()
+    assert batch.num_steps == 1 and sched.num_preemptions == 0
+
+
 def measured_budget(slowdown=2.0, min_tokens=4, fixed=0.05, per_token=0.01):
     """A budget that has seen steps of 2 to 24 tokens costing `fixed + per_token * tokens`."""
     budget = MixedStepBudget(slowdown, min_tokens=min_tokens)

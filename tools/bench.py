@@ -188,6 +188,19 @@ class HostClock:
         return run
 
 
+class StepCounter:
+    """Steps scheduled, a run of decode steps in one dispatch counted as its steps."""
+
+    def __init__(self, scheduler):
+        self.steps, self._schedule = 0, scheduler.schedule
+        scheduler.schedule = self._counted
+
+    def _counted(self):
+        batch = self._schedule()
+        self.steps += batch.num_steps if batch else 0
+        return batch
+
+
 def prompts_done(scheduler) -> bool:
     """Every prompt computed and its first token read back: from here on steps are pure decode
     steps (with mixed steps the first sequences decode while the later prompts prefill, all
@@ -232,28 +245,30 @@ def main(argv=None):
     t = time.perf_counter()
     compiles = engine.num_compiles
     # the same batch shape once, briefly: compiles the buckets the timed run uses (with mixed
-    # steps the first sequences finish one step per prefill step before the last: that tail too)
+    # steps the first sequences finish one step per prefill step before the last: that tail too;
+    # and a run of decode steps in one dispatch)
     warm = [[int(x) for x in rng.integers(100, vocab - 100, args.input_len)] for _ in prompts]
     prefill_steps = -(-args.num_seqs * args.input_len // engine.scheduler.max_num_batched_tokens)
-    warm_tokens = min(args.output_len, 3 + prefill_steps)
+    warm_tokens = min(args.output_len, 3 + prefill_steps + engine.config.decode_steps)
     engine.generate(warm, SamplingParams(temperature=0, max_tokens=warm_tokens, ignore_eos=True,
                                          detokenize=False, structured_outputs=so))
     if engine.speculator:  # verification steps come when proposals do: compile them all
         engine.speculator.warmup()
     warm_s = time.perf_counter() - t
     host = HostClock(engine.structured, ["bitmask", "advance"])
+    counter = StepCounter(engine.scheduler)
 
     t = time.perf_counter()
     for pr in prompts:
         engine.add_request(pr, params)
-    first, gen0, num_steps = None, engine.num_generated_tokens, 0
+    first, gen0 = None, engine.num_generated_tokens
     gen_first, steps_first = gen0 + args.num_seqs, 1
     while engine.has_unfinished_requests():
         engine.step()
-        num_steps += 1
         if first is None and prompts_done(engine.scheduler):
             first, gen_first = time.perf_counter(), engine.num_generated_tokens
-            steps_first = num_steps
+            steps_first = counter.steps
+    num_steps = counter.steps
     end = time.perf_counter()
     generated = engine.num_generated_tokens - gen0
     prefill_s = (first or end) - t

@@ -124,6 +124,10 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="dispatch each step before the previous one's tokens are read back, so "
                         "the host's scheduling, detokenizing and stop checks overlap the "
                         "device's work (default: on)")
+    p.add_argument("--decode-steps", type=positive(), default=4, metavar="K",
+                   help="decode steps in one dispatch while no prompt waits: the host's work "
+                        "per step is spread over K, a prompt arriving meanwhile waits for up to "
+                        "K steps (default 4; 1: one step a dispatch)")
     p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
                    help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
                         "capped so that a step takes at most X times a decode step of every "
@@ -180,5 +184,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         mixed_steps=not args.no_mixed_steps,
         mixed_prefill_tokens=args.mixed_prefill_tokens,
         speculative_config=getattr(args, "speculative_config", None),
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, decode_steps=args.decode_steps,
         mixed_step_slowdown=args.mixed_step_slowdown), **overrides})

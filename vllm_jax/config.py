@@ -31,6 +31,9 @@ class EngineConfig:
     # dispatch step N+1 before reading step N's tokens, so the host's work per step overlaps the
     # device's (engine/llm_engine.py); off: every step is read before the next is scheduled
     async_scheduling: bool = True
+    # decode steps in one dispatch while no prompt waits (engine/scheduler.py): the host's work
+    # per step (dispatch, preparation, read-back) is spread over them; 1: one step a dispatch
+    decode_steps: int = 4
     quant: str | None = None
     dtype: str = "auto"  # auto = f32 on the CPU, bf16 on accelerators
     kv_cache_dtype: str = "auto"  # auto = dtype; f16/bf16 halve a float32 cache (llama.cpp: f16)

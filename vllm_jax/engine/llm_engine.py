@@ -113,10 +113,14 @@ class LLMEngine:
                                    max_prefill_seqs, mixed=config.mixed_steps,
                                    mixed_prefill_tokens=config.mixed_prefill_tokens,
                                    step_budget=MixedStepBudget(config.mixed_step_slowdown)
-                                   if config.mixed_step_slowdown else None)
+                                   if config.mixed_step_slowdown else None,
+                                   max_model_len=self.max_model_len)
         self.structured = StructuredOutputManager(self.tokenizer, cfg.vocab_size)
         self.speculator = (make_speculator(self, config.speculative_config)
                            if config.speculative_config else None)
+        # the speculator verifies one step at a time
+        self.scheduler.decode_steps = self.runner.decode_steps = (
+            1 if self.speculator else config.decode_steps)
         self.requests: dict[str, Request] = {}
         self.rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefill work done)
@@ -282,11 +286,12 @@ class LLMEngine:
 
     def _timed(self, step: InFlight):
         """Tell the scheduler how long `step` held the device: from its dispatch, or from the
-        end of the step before it, to now (steps run one after another). A compile says nothing
-        of a step's cost."""
+        end of the step before it, to now (steps run one after another), per decode step it
+        ran. A compile says nothing of a step's cost."""
         done = time.perf_counter()
         if not step.compiled:
-            self.scheduler.observe(step.batch, done - max(step.dispatched_at, self._last_read))
+            held = done - max(step.dispatched_at, self._last_read)
+            self.scheduler.observe(step.batch, held / step.batch.num_steps)
         self._last_read = done
 
     def _read(self, step: InFlight) -> list[RequestOutput]:
@@ -297,6 +302,7 @@ class LLMEngine:
             return self._recover(step.batch, error)
         self._timed(step)
         batch, touched, now = step.batch, {}, time.monotonic()
+        sampled = out["sampled"] if "sampled" in out else out["tokens"][None]  # [steps, rows]
         for row, seq, offset in zip(range(len(batch.seqs)), batch.seqs, _offsets(batch)):
             if seq.is_finished:
                 continue  # it stopped (or was aborted) while this step ran: discard its token
@@ -306,7 +312,10 @@ class LLMEngine:
                                              batch.num_new_tokens[row])
             if not step.sampled[row]:
                 continue  # a prompt chunk; the prompt is not done yet
-            self._append(req, seq, out, row)
+            for tokens in sampled:
+                if seq.is_finished:
+                    break  # it stopped: the tokens sampled after its last are discarded
+                self._append(req, seq, out, row, int(tokens[row]))
             req.first_token_time = req.first_token_time or now
             touched[req.request_id] = req
         return [self._output(r) for r in touched.values()]
@@ -344,8 +353,7 @@ class LLMEngine:
             return None
         return partial(self.structured.bitmask, matchers)
 
-    def _append(self, req: Request, seq: Sequence, out: dict, row: int):
-        token = int(out["tokens"][row])
+    def _append(self, req: Request, seq: Sequence, out: dict, row: int, token: int):
         seq.fill_placeholder(token)
         grammar_done = seq.matcher is not None and self.structured.advance(seq, token)
         self.num_generated_tokens += 1

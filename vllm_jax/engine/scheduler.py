@@ -10,6 +10,12 @@ With `mixed=False` a step is either prompt chunks (they go first) or decode rows
 When a decode row finds no free page, the most recently admitted sequences are preempted: their
 pages are freed and they are recomputed later; no new sequence is admitted in that step.
 
+A pure decode step runs `decode_steps` steps in one dispatch (each row's sampled token its next
+input, on the device) when no prompt waits, no row needs its token on the host before the next
+(structured output, penalties) or returns logprobs, every row may sample that many more tokens,
+and pages for all of them are free; else one. It spares the host the dispatch, preparation and
+read-back of the steps between; a prompt arriving meanwhile waits for the whole run.
+
 After a failed step (`restart`), every sequence is recomputed, and the failed batch's ones run
 alone, one at a time, until each has sampled a token: a request that breaks the step then
 fails by itself, and the others carry on.
@@ -30,6 +36,7 @@ class ScheduledBatch:
     seqs: list[Sequence]  # decode rows first, then prompt chunks
     num_new_tokens: list[int]  # tokens computed this step, per sequence
     num_decode_rows: int = 0  # leading rows that decode (all of them when `decode`)
+    num_steps: int = 1  # decode steps in this dispatch (several only when `decode`)
 
     @property
     def num_tokens(self) -> int:
@@ -40,7 +47,8 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 8, mixed: bool = True,
                  mixed_prefill_tokens: int | None = None,
-                 step_budget: MixedStepBudget | None = None):
+                 step_budget: MixedStepBudget | None = None, decode_steps: int = 1,
+                 max_model_len: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -48,6 +56,8 @@ class Scheduler:
         self.mixed = mixed
         self.mixed_prefill_tokens = mixed_prefill_tokens
         self.step_budget = step_budget
+        self.decode_steps = decode_steps
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspects: deque[Sequence] = deque()  # to run alone before anything else
@@ -68,7 +78,7 @@ class Scheduler:
         if self.mixed:
             return self._schedule_mixed()
         chunks = self._prefill_batch(self.max_num_batched_tokens, admit=True)
-        return chunks or _decode_step(self._decode_rows())
+        return chunks or self._decode_step(self._decode_rows())
 
     def restart(self, suspects: list[Sequence]):
         """Recompute every running sequence; run `suspects` alone first, one at a time."""
@@ -100,7 +110,7 @@ class Scheduler:
             budget = min(budget, cap)
         chunks = self._prefill_batch(budget, admit=self.num_preemptions == preemptions)
         if chunks is None:
-            return _decode_step(rows)
+            return self._decode_step(rows)
         return ScheduledBatch(False, rows + chunks.seqs, [1] * len(rows) + chunks.num_new_tokens,
                               len(rows))
 
@@ -155,6 +165,32 @@ class Scheduler:
                 rows.append(seq)
         return rows
 
+    def _decode_step(self, rows: list[Sequence]) -> ScheduledBatch | None:
+        if not rows:
+            return None
+        return ScheduledBatch(True, rows, [1] * len(rows), len(rows), self._run_length(rows))
+
+    def _run_length(self, rows: list[Sequence]) -> int:
+        """decode_steps when nothing waits, every row may run that far ahead and the pages for
+        all of them are free (they are taken here), else 1."""
+        k, bm = self.decode_steps, self.block_manager
+        if k == 1 or self.waiting or not all(self._may_run(seq, k) for seq in rows):
+            return 1
+        if sum(bm.pages_needed(seq.num_tokens + k - 1) - len(seq.block_table)
+               for seq in rows) > bm.num_free:
+            return 1
+        for seq in rows:
+            bm.may_append(seq, seq.num_tokens + k - 1)
+        return k
+
+    def _may_run(self, seq: Sequence, k: int) -> bool:
+        """`seq` may decode k steps in one dispatch: it may sample k more tokens, and no step
+        needs what the one before it sampled on the host."""
+        p = seq.params
+        return (seq.matcher is None and not p.uses_penalties and p.logprobs is None
+                and (p.max_tokens is None or seq.num_output_tokens + k <= p.max_tokens)
+                and (self.max_model_len is None or seq.num_tokens + k <= self.max_model_len))
+
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
         self.running.remove(seq)
@@ -172,6 +208,3 @@ class Scheduler:
         seq.drop_placeholders()  # what a step still in flight samples for it is discarded
         seq.status = SequenceStatus.FINISHED
 
-
-def _decode_step(rows: list[Sequence]) -> ScheduledBatch | None:
-    return ScheduledBatch(True, rows, [1] * len(rows), len(rows)) if rows else None

@@ -188,7 +188,7 @@ class Speculator:
                 seq.num_computed_tokens += 1
                 engine.block_manager.register_computed(seq)
                 seq.add_placeholder(-1)  # what _append fills, as after a plain step
-                engine._append(req, seq, _position(out, row, j), 0)
+                engine._append(req, seq, _position(out, row, j), 0, int(out["tokens"][row, j]))
                 stats.emitted_tokens += 1
                 if seq.is_finished:
                     break
@@ -212,6 +212,7 @@ def make_speculator(engine, spec: dict) -> Speculator:
 
 
 def _position(out: dict, row: int, j: int) -> dict:
-    """Row `row`'s j-th emitted token as a one-row step output (what LLMEngine._append reads)."""
+    """Row `row`'s j-th emitted token's logprobs as a one-row step output (what
+    LLMEngine._append reads)."""
     return {name: value[row, j][None] for name, value in out.items()
-            if name in ("tokens", "logprob", "top_ids", "top_logprobs")}
+            if name in ("logprob", "top_ids", "top_logprobs")}
