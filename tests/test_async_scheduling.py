@@ -233,6 +233,18 @@ def test_async_scheduling_flag(argv, expect):
     assert engine_config(p.parse_args(argv)).async_scheduling is expect
 
 
+def test_the_server_streams_one_decode_step_a_dispatch():
+    """A run of K decode steps hands a stream its tokens K at a time: the server's default is
+    one step a dispatch; offline entry points run 4."""
+    from vllm_jax.server import build_parser
+
+    assert engine_config(build_parser().parse_args([])).decode_steps == 1
+    p = Parser()
+    add_engine_args(p)
+    assert engine_config(p.parse_args([])).decode_steps == 4
+    assert engine_config(build_parser().parse_args(["--decode-steps", "4"])).decode_steps == 4
+
+
 CHATS = ["What is 2 + 2?", "Name three colors.", "Write a long story about a dragon.",
          "List the planets of the solar system."]
 

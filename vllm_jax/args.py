@@ -127,7 +127,8 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
     p.add_argument("--decode-steps", type=positive(), default=4, metavar="K",
                    help="decode steps in one dispatch while no prompt waits: the host's work "
                         "per step is spread over K, a prompt arriving meanwhile waits for up to "
-                        "K steps (default 4; 1: one step a dispatch)")
+                        "K steps and a stream gets its tokens K at a time (default 4, the "
+                        "server's 1: one step a dispatch)")
     p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
                    help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
                         "capped so that a step takes at most X times a decode step of every "

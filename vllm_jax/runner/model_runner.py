@@ -251,7 +251,7 @@ class ModelRunner:
                               self.num_pages * ps)
             meta = AttnMetadata(pos, slots, i["seq_idx"], tables,
                                 jnp.where(live, i["context_lens"] + k, 0))
-            hidden, kv = model(tokens, kv, meta, True)
+            hidden, kv = model(jnp.where(live, tokens, PAD_TOKEN), kv, meta, True)
             tokens, *_ = sample(model.logits(hidden), params._replace(step=params.step + k),
                                 greedy_only=layout.greedy_only, want_logprobs=False)
             return kv, tokens, sampled.at[k].set(tokens)

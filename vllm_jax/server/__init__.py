@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_jax.args import Parser, add_engine_args
 
     p = Parser(prog="python -m vllm_jax.server", description="Serve a model over the OpenAI API.")
-    add_engine_args(p)
+    # one decode step a dispatch: a run of K would hand each stream its tokens K at a time and
+    # keep an arriving request waiting for the run
+    add_engine_args(p, decode_steps=1)
     add_server_args(p)
     return p
 
