@@ -12,6 +12,7 @@ import pytest
 from vllm_jax.args import Parser, add_engine_args, engine_config
 from vllm_jax.config import EngineConfig
 from vllm_jax.engine.llm_engine import LLMEngine
+from vllm_jax.engine.step_cost import MixedStepBudget
 from vllm_jax.sampling_params import SamplingParams, StructuredOutputs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -104,6 +105,9 @@ def test_async_steps_give_what_synchronous_steps_give(small_cache_engine):
 def test_several_decode_steps_per_dispatch_give_what_single_steps_give(small_cache_engine,
                                                                       monkeypatch):
     engine = small_cache_engine
+    # the server's cap on prompt tokens staggers the prompts, so that rows decode in runs
+    # beside the short cache's preemptions
+    monkeypatch.setattr(engine.scheduler, "step_budget", MixedStepBudget(2.0))
     ps, params = workload(engine)
     monkeypatch.setattr(engine.scheduler, "decode_steps", 1)
     single = generate(engine, ps, params, async_scheduling=False)
@@ -233,7 +237,7 @@ def test_async_scheduling_flag(argv, expect):
     assert engine_config(p.parse_args(argv)).async_scheduling is expect
 
 
-def test_the_server_streams_one_decode_step_a_dispatch():
+def test_the_server_defaults_suit_streams_and_the_offline_ones_throughput():
     """A run of K decode steps hands a stream its tokens K at a time: the server's default is
     one step a dispatch; offline entry points run 4."""
     from vllm_jax.server import build_parser
@@ -243,6 +247,9 @@ def test_the_server_streams_one_decode_step_a_dispatch():
     add_engine_args(p)
     assert engine_config(p.parse_args([])).decode_steps == 4
     assert engine_config(build_parser().parse_args(["--decode-steps", "4"])).decode_steps == 4
+    # and the server caps prompt tokens beside decode rows; offline runs take the whole budget
+    assert engine_config(build_parser().parse_args([])).mixed_step_slowdown == 2.0
+    assert engine_config(p.parse_args([])).mixed_step_slowdown is None
 
 
 CHATS = ["What is 2 + 2?", "Name three colors.", "Write a long story about a dragon.",
@@ -260,10 +267,7 @@ def test_real_model_async_matches_synchronous(real_model, activations, kvcache_m
     ~1e-6), and int8 rounding of the next layers' inputs can turn that into another token."""
     engine = LLMEngine(EngineConfig(model_path=str(real_model("smollm2-135m")), dtype="f32",
                                     max_model_len=128, kvcache_mem_mb=kvcache_mb, max_num_seqs=4,
-                                    max_num_batched_tokens=64, cpu_activations=activations,
-                                    # the step budget's cap follows measured times: the two
-                                    # runs could split the prompts into other chunks
-                                    mixed_step_slowdown=None))
+                                    max_num_batched_tokens=64, cpu_activations=activations))
     tok = engine.tokenizer
     ps = [tok.encode_prompt(tok.apply_chat_template([{"role": "user", "content": c}]))
           for c in CHATS]

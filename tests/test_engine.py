@@ -179,10 +179,8 @@ def test_step_updates_the_kv_cache_in_place(llama):
 
 def test_decode_warmup_leaves_only_prompt_steps_to_compile(llama, caplog):
     """--warmup decode compiles the decode buckets at start; later only prefill-shaped steps
-    (prompt chunks, mixed steps) compile, each once. (No step budget: its cap follows measured
-    times, so a second run could take steps of other shapes.)"""
-    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64, warmup="decode",
-                         mixed_step_slowdown=None)
+    (prompt chunks, mixed steps) compile, each once."""
+    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64, warmup="decode")
     work = prompts(6, seed=5)
     with caplog.at_level("DEBUG", logger="vllm_jax"):
         engine.generate(work, GREEDY)
@@ -201,7 +199,7 @@ def test_unknown_warmup_is_a_config_error(llama):
 
 
 def test_the_step_budget_learns_only_from_steps_that_did_not_compile(llama):
-    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64)
+    engine = make_engine(llama, max_num_seqs=8, max_num_batched_tokens=64, mixed_step_slowdown=2)
     run, quiet = engine.runner.run, []  # per dispatched step: it compiled nothing
 
     def counting_run(*args, **kwargs):

@@ -4,11 +4,14 @@
     python tools/load.py --url http://127.0.0.1:8000/v1 --clients 32 --requests 96 --max-tokens 32
 
 Each client sends its share of `--requests` chat requests one after another (greedy, exactly
-`--max-tokens` tokens: ignore_eos, which llama-server ignores and vLLM-style servers honour), a
-different question each, streamed through the official `openai` client. Time to first token is
-measured from sending a request to its first content chunk; the gap between tokens from each
-chunk to the next within a stream; output tokens from the usage each stream ends with. Prints a table and writes JSON (--json). Any OpenAI-compatible
-server works, llama-server (`--parallel N`) included.
+`--max-tokens` tokens: ignore_eos, which vLLM-style servers and llama-server honour), a
+different question each, streamed through the official `openai` client. Special tokens are
+shown as text (skip_special_tokens false): past the end of an answer a model writes end-of-turn
+and role tokens, which would otherwise decode to no text, send no content, and count a gap of
+two or three steps as one. Time to first token is measured from sending a request to its first
+content chunk; the gap between tokens from each chunk to the next within a stream; output
+tokens from the usage each stream ends with. Prints a table and writes JSON (--json). Any
+OpenAI-compatible server works, llama-server (`--parallel N`) included.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ async def one_request(client: AsyncOpenAI, model: str, i: int, max_tokens: int) 
     stamps = []
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question(i)}], stream=True,
-        max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True},
+        max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True, "skip_special_tokens": False},
         stream_options={"include_usage": True})
     tokens = 0
     async for chunk in stream:

@@ -129,10 +129,11 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                         "per step is spread over K, a prompt arriving meanwhile waits for up to "
                         "K steps and a stream gets its tokens K at a time (default 4, the "
                         "server's 1: one step a dispatch)")
-    p.add_argument("--mixed-step-slowdown", type=positive(float), default=2.0, metavar="X",
+    p.add_argument("--mixed-step-slowdown", type=positive(float), metavar="X",
                    help="without --mixed-prefill-tokens: prompt tokens beside decode rows are "
                         "capped so that a step takes at most X times a decode step of every "
-                        "running and waiting stream, as measured while serving (default 2)")
+                        "running and waiting stream, as measured while serving (the server's "
+                        "default 2; offline no cap)")
     p.set_defaults(**defaults)
 
 

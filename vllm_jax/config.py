@@ -26,8 +26,9 @@ class EngineConfig:
     mixed_prefill_tokens: int | None = None
     # else a mixed step takes at most this many times a decode step of all the streams (running
     # and waiting), its prompt tokens capped by costs measured while serving
-    # (engine/step_cost.py); None: the whole budget
-    mixed_step_slowdown: float | None = 2.0
+    # (engine/step_cost.py); None (offline, where nobody watches a stream's gaps): the whole
+    # budget. The server's default is 2.
+    mixed_step_slowdown: float | None = None
     # dispatch step N+1 before reading step N's tokens, so the host's work per step overlaps the
     # device's (engine/llm_engine.py); off: every step is read before the next is scheduled
     async_scheduling: bool = True

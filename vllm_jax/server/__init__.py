@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_jax.args import Parser, add_engine_args
 
     p = Parser(prog="python -m vllm_jax.server", description="Serve a model over the OpenAI API.")
-    # one decode step a dispatch: a run of K would hand each stream its tokens K at a time and
-    # keep an arriving request waiting for the run
-    add_engine_args(p, decode_steps=1)
+    # streams are watched here: prompt tokens beside decode rows are capped (engine/step_cost.py),
+    # and one decode step a dispatch (a run of K would hand each stream its tokens K at a time
+    # and keep an arriving request waiting for the run)
+    add_engine_args(p, decode_steps=1, mixed_step_slowdown=2.0)
     add_server_args(p)
     return p
 
