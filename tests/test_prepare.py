@@ -10,6 +10,7 @@ from tools.prepare_time import host_runner
 from vllm_jax.engine.block_manager import BlockManager
 from vllm_jax.engine.scheduler import ScheduledBatch
 from vllm_jax.engine.sequence import Sequence
+from vllm_jax.models.layers import PAD_TOKEN
 from vllm_jax.runner.model_runner import FLOAT_FIELDS, SAMPLING_ATTRS, StepLayout, _unpack
 from vllm_jax.sampling_params import SamplingParams
 
@@ -19,7 +20,7 @@ PROMPT = list(range(100, 111))  # 11 tokens: two full pages the prefix cache can
 
 def reference(runner, batch: ScheduledBatch, layout: StepLayout) -> dict:
     s, t = layout.num_seqs, layout.num_tokens
-    ref = {"tokens": [0] * t, "prev_row": [-1] * t, "positions": [0] * t,
+    ref = {"tokens": [PAD_TOKEN] * t, "prev_row": [-1] * t, "positions": [0] * t,
            "slot_mapping": [PAGES * PAGE] * t, "seq_idx": [s - 1] * t,
            "block_tables": np.zeros((s, layout.max_pages), np.int32),
            "context_lens": [0] * s, "logits_indices": [0] * s, "step": [0] * s,
