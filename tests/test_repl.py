@@ -25,14 +25,15 @@ def spawn_chat(model_dir):
     children = []
 
     def spawn(setup: str = ""):
-        # every engine step takes >= 10 ms, so an answer of 100 tokens outlasts the 0.3 s
-        # before the Ctrl+C below however fast this machine runs the tiny model
+        # every engine step takes >= 10 ms and computes one token (decode_steps=1), so an
+        # answer of 100 tokens outlasts the 0.3 s before the Ctrl+C below however fast this
+        # machine runs the tiny model
         script = (setup + "import sys, time; from vllm_jax.repl import run_chat; "
                   "from vllm_jax.engine.llm_engine import LLMEngine; step = LLMEngine.step; "
                   "LLMEngine.step = lambda self: (time.sleep(0.01), step(self))[1]; "
                   "from vllm_jax import EngineConfig, SamplingParams; "
                   f"sys.exit(run_chat(EngineConfig(model_path={str(path)!r}, dtype='f32', "
-                  "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2), "
+                  "max_model_len=512, kvcache_mem_mb=16, max_num_seqs=2, decode_steps=1), "
                   "dict(temperature=0, max_tokens=100, ignore_eos=True)))")
         child = pexpect.spawn(sys.executable, ["-c", script], encoding="utf-8", timeout=120,
                               env={**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "dumb"},
