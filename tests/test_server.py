@@ -27,7 +27,7 @@ CHAT = [{"role": "user", "content": "Hello world! How are you today?"}]
 def llm(model_dir):
     path = model_dir("llama")[0]
     return LLM(model=str(path), dtype="f32", max_model_len=256, kvcache_mem_mb=16,
-               max_num_seqs=8)
+               max_num_seqs=8, decode_steps=1)  # the server's default: a token a step
 
 
 @pytest.fixture(scope="module")
