@@ -1,4 +1,5 @@
-"""The int8-activation CPU matmul (kernels/cpu_q8dot.cc) against (a) a numpy emulation of its
+"""The integer-activation CPU matmuls (kernels/cpu_q8dot.cc over GGUF's rows, cpu_q8panel.cc over
+16-row panels, q4_0x16 ...: int8 and int16 activations) against (a) a numpy emulation of their
 arithmetic: x quantized per 32 exactly as the kernel does, each block's integer-valued product
 with gguf-py's weights summed in float64, then scaled (equal up to the kernel's float32 sums),
 and (b) the float32 product of gguf-py's weights and x, within the bound int8 activations allow.
@@ -28,29 +29,40 @@ TOKENS = (1, 2, 3, 4, 8, 9, 13, 16, 23)  # the row path (1-4); tiles of 6 and a 
 F32_RTOL = 1e-2
 # of sum |x| |w|: float32 sums of terms up to 128x the weights (Q8_0 read as q + 128)
 EMULATION_RTOL = 1e-5
+PANELS = tuple(f"{q}x{cpu.PANEL_ROWS}" for q in cpu.PANEL_QTYPES)
+KINDS = (*cpu.INT8_QTYPES, *PANELS, *(f"{q}:int16" for q in PANELS))  # qtype[:activations]
+LEVELS = {"int8": 127, "int16": 32767}
 PORTABLE = {"avx2": "-march=haswell", "avx_vnni": "-march=haswell -mavxvnni",
             "no_simd_intrinsics": "-march=x86-64"}  # the loops other CPUs (ARM) compile
 NEEDS = {"avx2": "avx2", "avx_vnni": "avx_vnni"}  # the /proc/cpuinfo flag a build runs on
 
 
-def _case(qtype: str, seed: int):
-    """fields of 37 rows (two 16-row panels and a ragged one; 19 legacy blocks: two groups of 8
-    and 3 more, or 3 K-blocks), gguf-py's float32 weights, and x for each token count."""
+def _split(kind: str) -> tuple[str, str]:
+    qtype, _, activations = kind.partition(":")
+    return qtype, activations or "int8"
+
+
+def _case(kind: str, seed: int):
+    """fields of 37 rows (two 16-row panels of cpu_q8dot.cc's tiles and a ragged one; panels:
+    48 rows), 19 legacy blocks (two groups of 8 and 3 more) or 3 K-blocks; gguf-py's float32
+    weights, and x for each token count."""
+    qtype, panels = cpu.base_qtype(_split(kind)[0]), cpu.is_panel(_split(kind)[0])
     elems = QTYPES[qtype][0]
-    rows, cols = 37, (3 if elems == 256 else 19) * elems
+    rows, cols = 48 if panels else 37, (3 if elems == 256 else 19) * elems
     rng = np.random.default_rng(seed)
     qt = quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     w = gguf.quants.dequantize(qt.raw, QTYPES[qtype][2]).reshape(rows, cols)
     xs = [rng.standard_normal((t, cols)).astype(np.float32) for t in TOKENS]
     xs[-1][0, :64] = 0  # all-zero blocks: scale 0
-    return repack(qt), w, xs
+    return cpu.to_panels(repack(qt), qtype)[0] if panels else repack(qt), w, xs
 
 
-def emulate(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The kernel's arithmetic in numpy: d = max|x| / 127 and q = rint(x * (1 / d)) in float32
-    per 32 of x; y = sum over blocks of d * (q . w) (float64 sums)."""
+def emulate(x: np.ndarray, w: np.ndarray, level: int = 127) -> np.ndarray:
+    """The kernel's arithmetic in numpy: d = max|x| / level (127: int8, 32767: int16) and
+    q = rint(x * (1 / d)) in float32 per 32 of x; y = sum over blocks of d * (q . w) (float64
+    sums)."""
     xb = x.reshape(len(x), -1, 32)
-    d = np.abs(xb).max(-1) / np.float32(127)
+    d = np.abs(xb).max(-1) / np.float32(level)
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
     q = np.rint(xb * inv[..., None].astype(np.float32))
     wb = w.reshape(len(w), -1, 32).astype(np.float64)
@@ -61,19 +73,20 @@ def _check(qtype: str, got: list, w, xs):
     for x, y in zip(xs, got):
         y, ref = np.asarray(y), x.astype(np.float64) @ w.T.astype(np.float64)
         assert y.shape == ref.shape
-        err = np.abs(y - emulate(x, w)) / (np.abs(x) @ np.abs(w).T)
+        err = np.abs(y - emulate(x, w, LEVELS[_split(qtype)[1]])) / (np.abs(x) @ np.abs(w).T)
         assert err.max() < EMULATION_RTOL, f"{qtype} {len(x)} tokens: {err.max():.1e} off"
         rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
         assert rel < F32_RTOL, f"{qtype} {len(x)} tokens: {rel:.2e} off the float32 product"
 
 
-def _run(qtype: str, fields: dict, xs: list) -> list:
-    fn = jax.jit(lambda x, f: cpu.qmatmul(x, f, qtype, activations="int8"))
+def _run(kind: str, fields: dict, xs: list) -> list:
+    qtype, activations = _split(kind)
+    fn = jax.jit(lambda x, f: cpu.qmatmul(x, f, qtype, activations=activations))
     f = {k: jnp.asarray(v) for k, v in fields.items()}
     return [np.asarray(fn(jnp.asarray(x), f)) for x in xs]
 
 
-@pytest.mark.parametrize("qtype", cpu.INT8_QTYPES)
+@pytest.mark.parametrize("qtype", KINDS)
 def test_int8_matmul_matches_its_emulation_and_the_float32_product(qtype):
     fields, w, xs = _case(qtype, 7)
     _check(qtype, _run(qtype, fields, xs), w, xs)
@@ -93,11 +106,12 @@ def test_activations_must_be_named():
 
 def _portable_main(path: str):
     """In a subprocess built with VLLM_JAX_CPU_FLAGS: `path`'s cases -> their outputs.
-    Only cpu_q8dot.cc is built (the other kernels' portable builds are not under test here)."""
-    cpu.SOURCES, cpu.TARGETS = [cpu.HERE / "cpu_q8dot.cc"], ("vllm_jax_q8dot",)
+    Only the int8 kernels are built (the other kernels' portable builds are not under test here)."""
+    cpu.SOURCES = [cpu.HERE / "cpu_q8dot.cc", cpu.HERE / "cpu_q8panel.cc"]
+    cpu.TARGETS = ("vllm_jax_q8dot", "vllm_jax_q8panel")
     data = np.load(path)
     out = {}
-    for qtype in cpu.INT8_QTYPES:
+    for qtype in KINDS:
         fields = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(qtype + "/")}
         xs = [data[f"x/{qtype}/{i}"] for i in range(int(data[f"n/{qtype}"]))]
         out.update({f"{qtype}/{i}": y for i, y in enumerate(_run(qtype, fields, xs))})
@@ -128,7 +142,7 @@ def _outputs(level: str, cases: dict, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("level", list(PORTABLE))
 def test_portable_builds_match_the_emulation(level, tmp_path):
-    cases = {q: _case(q, 9) for q in cpu.INT8_QTYPES}
+    cases = {q: _case(q, 9) for q in KINDS}
     got = _outputs(level, {q: (f, xs) for q, (f, _, xs) in cases.items()}, tmp_path)
     for q, (_, w, xs) in cases.items():
         _check(q, got[q], w, xs)
@@ -141,9 +155,9 @@ def test_a_tokens_output_is_the_same_bits_whatever_the_call_holds(level, tmp_pat
     rng = np.random.default_rng(11)
     windows = [(s, t) for t in range(2, 24) for s in sorted({0, 23 - t})]
     cases = {}
-    for q in cpu.INT8_QTYPES:
-        fields, _, _ = _case(q, 12)
-        x = rng.standard_normal((23, fields["d"].shape[1] * QTYPES[q][0])).astype(np.float32)
+    for q in KINDS:
+        fields, w, _ = _case(q, 12)
+        x = rng.standard_normal((23, w.shape[1])).astype(np.float32)
         cases[q] = fields, [x[i:i + 1] for i in range(23)] + [x[s:s + t] for s, t in windows]
     got = _outputs(level, cases, tmp_path)
     for q, ys in got.items():
@@ -151,3 +165,26 @@ def test_a_tokens_output_is_the_same_bits_whatever_the_call_holds(level, tmp_pat
         for (s, t), y in zip(windows, ys[23:]):
             same = (y == alone[s:s + t]).all(1)
             assert same.all(), f"{q}, {t} tokens from {s}: {np.flatnonzero(~same) + s} differ"
+
+
+@pytest.mark.parametrize("qtype", cpu.PANEL_QTYPES)
+def test_panel_rows_are_the_gguf_rows(qtype):
+    """The rows an embedding gathers from a table in panels (tied to the lm_head) are repack's
+    rows, bit for bit; ids past the table (padding tokens) give scale 0: zero embeddings."""
+    rng = np.random.default_rng(13)
+    fields = repack(quantize(rng.standard_normal((64, 96)).astype(np.float32), qtype))
+    panels, kind = cpu.to_panels(fields, qtype)
+    ids = np.array([0, 15, 16, 63, 31, 2, 47])
+    got = cpu.panel_rows({k: jnp.asarray(v) for k, v in panels.items()}, kind,
+                         jnp.asarray(np.append(ids, 2**31 - 1)))
+    for k, v in fields.items():
+        assert np.array_equal(np.asarray(got[k])[:-1], v[ids]), k
+    assert not np.asarray(got["d"])[-1].any()
+
+
+def test_int16_activations_are_within_float32_rounding_of_the_float32_product():
+    """int16 per 32 (the down projection's with int8 CPU activations) leaves ~1e-5 of |y|."""
+    fields, w, xs = _case(f"q4_1x{cpu.PANEL_ROWS}", 14)
+    for x, y in zip(xs, _run(f"q4_1x{cpu.PANEL_ROWS}:int16", fields, xs)):
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-4

@@ -33,10 +33,10 @@ import numpy as np
 log = logging.getLogger("vllm_jax")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_q8dot.cc", HERE / "cpu_dense.cc",
-           HERE / "cpu_attention.cc"]
-HEADERS = [HERE / "cpu_common.h", HERE / "cpu_fields.h"]
-TARGETS = ("vllm_jax_qmatmul", "vllm_jax_q8dot", "vllm_jax_grouped_qmatmul",
+SOURCES = [HERE / "cpu_qmatmul.cc", HERE / "cpu_q8dot.cc", HERE / "cpu_q8panel.cc",
+           HERE / "cpu_dense.cc", HERE / "cpu_attention.cc"]
+HEADERS = [HERE / "cpu_common.h", HERE / "cpu_fields.h", HERE / "cpu_q8.h"]
+TARGETS = ("vllm_jax_qmatmul", "vllm_jax_q8dot", "vllm_jax_q8panel", "vllm_jax_grouped_qmatmul",
            "vllm_jax_dense_matmul",
            "vllm_jax_decode_attention", "vllm_jax_ragged_attention")
 # the order the kernel reads each type's fields in (kernels/quant.py `repack` names)
@@ -48,7 +48,10 @@ FIELDS = {
 }
 QTYPE_CODE = {name: i for i, name in enumerate(FIELDS)}
 INT8_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q6_k")  # cpu_q8dot.cc's
-ACTIVATIONS = ("int8", "f32")
+PANEL_ROWS = 16
+PANEL_QTYPES = ("q4_0", "q4_1", "q8_0")  # cpu_q8panel.cc's, named q4_0x16 ... in panels
+FIELDS.update({f"{q}x{PANEL_ROWS}": FIELDS[q] for q in PANEL_QTYPES})
+ACTIVATIONS = ("int8", "int16", "f32")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -127,7 +130,9 @@ def qmatmul(x2: jax.Array, fields: dict, qtype: str, activations: str = "f32") -
 
     activations "f32": float32 products of x2 and the weights; "int8" (INT8_QTYPES; the others
     take the float32 path): x2 quantized to int8 per 32 (scale max|x| / 127, round to nearest
-    even) and integer dot products, llama.cpp's arithmetic (cpu_q8dot.cc)."""
+    even) and integer dot products, llama.cpp's arithmetic (cpu_q8dot.cc, or cpu_q8panel.cc for
+    weights in panels); "int16": the same to 1/32767 for weights in panels (the others take the
+    float32 path)."""
     return qmatmul_many(x2, [(fields, qtype)], activations)[0]
 
 
@@ -142,17 +147,94 @@ def qmatmul_many(x2: jax.Array, weights: list[tuple[dict, str]],
     x32 = x2.astype(jnp.float32)
 
     def call(target, idx):
-        shapes = [jax.ShapeDtypeStruct((x2.shape[0], weights[i][0]["d"].shape[0]), jnp.float32)
+        shapes = [jax.ShapeDtypeStruct((x2.shape[0], rows(*weights[i])), jnp.float32)
                   for i in idx]
-        qtypes = [weights[i][1] for i in idx]
+        qtypes = [base_qtype(weights[i][1]) for i in idx]
+        bits = {"bits": np.int64(8 if int8 else 16)} if target == "vllm_jax_q8panel" else {}
         return _call(target, shapes)(
             x32, *(a for i in idx for a in _args(*weights[i])),
             qtypes=np.array([QTYPE_CODE[q] for q in qtypes], np.int64),
-            counts=np.array([len(FIELDS[q]) for q in qtypes], np.int64))
+            counts=np.array([len(FIELDS[q]) for q in qtypes], np.int64), **bits)
 
     int8 = activations == "int8"
-    return _per_group(["vllm_jax_q8dot" if int8 and q in INT8_QTYPES else "vllm_jax_qmatmul"
-                       for _, q in weights], call)
+
+    def target(qtype):
+        if is_panel(qtype):
+            if activations == "f32":
+                raise ValueError(f"{qtype}: weights in panels take int8 or int16 activations")
+            return "vllm_jax_q8panel"
+        return "vllm_jax_q8dot" if int8 and qtype in INT8_QTYPES else "vllm_jax_qmatmul"
+
+    return _per_group([target(q) for _, q in weights], call)
+
+
+# -- weights in panels of 16 rows (cpu_q8panel.cc) ---------------------------------------------
+
+
+def is_panel(qtype: str) -> bool:
+    return qtype.endswith(f"x{PANEL_ROWS}")
+
+
+def base_qtype(qtype: str) -> str:
+    return qtype[:-len(f"x{PANEL_ROWS}")] if is_panel(qtype) else qtype
+
+
+def rows(fields: dict, qtype: str) -> int:
+    """The weight's rows (out_features), in either layout."""
+    return fields["d"].shape[0] * (PANEL_ROWS if is_panel(qtype) else 1)
+
+
+def can_panel(fields: dict, qtype: str) -> bool:
+    d = fields["d"]
+    return qtype in PANEL_QTYPES and d.ndim == 2 and d.shape[0] % PANEL_ROWS == 0
+
+
+def _values(fields: dict, qtype: str) -> np.ndarray:
+    """A legacy type's weights as unsigned bytes [rows, blocks, 32] (w = d * u + c)."""
+    qs = np.asarray(fields["qs"])
+    rows = qs.shape[0]
+    if qtype == "q8_0":
+        return (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1, 32)
+    b = qs.reshape(rows, -1, 16)  # byte i: weight i (low nibble), i + 16 (high)
+    return np.concatenate([b & 15, b >> 4], axis=-1)
+
+
+def to_panels(fields: dict, qtype: str) -> tuple[dict, str]:
+    """GGUF fields [rows, ...] (kernels/quant.py `repack`) -> cpu_q8panel.cc's panels: fields
+    [rows / 16, ...] (each field row a panel: its 32-blocks in turn, see the kernel) and the
+    panel type name."""
+    u = _values(fields, qtype)
+    p, nb = u.shape[0] // PANEL_ROWS, u.shape[1]
+    u = u.reshape(p, PANEL_ROWS, nb, 32).transpose(0, 2, 1, 3)  # [panel, block, row, 32]
+    if qtype == "q8_0":
+        qs = u.reshape(p, nb, PANEL_ROWS, 8, 4).transpose(0, 1, 3, 2, 4)
+    else:
+        pairs = u.reshape(p, nb, PANEL_ROWS, 4, 2, 4)  # [.., k, half, 4]: weight 8k + 4 half + i
+        qs = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).transpose(0, 1, 3, 2, 4)
+    out = {k: np.asarray(fields[k]).reshape(p, PANEL_ROWS, nb).transpose(0, 2, 1).reshape(p, -1)
+           for k in FIELDS[qtype] if k != "qs"}
+    out["qs"] = np.ascontiguousarray(qs).reshape(p, -1)
+    return out, f"{qtype}x{PANEL_ROWS}"
+
+
+def panel_rows(fields: dict, qtype: str, ids: jax.Array) -> dict:
+    """Rows `ids` of weights in panels as GGUF fields (kernels/quant.py `repack`'s layout of the
+    base type), e.g. the embedding's rows of a table tied to an lm_head in panels."""
+    qtype, n = base_qtype(qtype), ids.shape[0]
+    panel, lane = ids // PANEL_ROWS, ids % PANEL_ROWS
+
+    def pick(f, width):  # [P, (...) * 16 * width] -> [N, ..., width]: lane `lane` of panel
+        x = jnp.take(f, panel, axis=0, mode="fill", fill_value=0).reshape(n, -1, PANEL_ROWS, width)
+        return jnp.take_along_axis(x, lane[:, None, None, None], axis=2)[:, :, 0]
+
+    out = {k: pick(fields[k], 1).reshape(n, -1) for k in FIELDS[qtype] if k != "qs"}
+    b = pick(fields["qs"], 4)  # q8_0: [N, blocks * 8 groups, 4]; q4: [N, blocks * 4 pairs, 4]
+    if qtype == "q8_0":
+        out["qs"] = (b.reshape(n, -1).astype(jnp.int16) - 128).astype(jnp.int8)
+    else:
+        w = jnp.stack([b & 15, b >> 4], axis=-2).reshape(n, -1, 32)  # weight 8k + 4 half + i
+        out["qs"] = (w[..., :16] | (w[..., 16:] << 4)).astype(jnp.uint8).reshape(n, -1)
+    return out
 
 
 def _per_group(keys: list, run: Callable) -> list:

@@ -57,10 +57,11 @@ struct Weight {
 
 // The weights of a call that multiplies one x [tokens, cols] by several weights: weight i is of
 // type qtypes[i], its counts[i] fields next in args (all of them used), its output ys[i]
-// float32 [tokens, rows]. False where they disagree.
+// float32 [tokens, rows * rows_each] (rows_each: the weight rows a field row holds, 16 for
+// cpu_q8panel.cc's panels). False where they disagree.
 inline bool read_weights(const ffi::RemainingArgs& args, const ffi::RemainingRets& ys,
                          ffi::Span<const int64_t> qtypes, ffi::Span<const int64_t> counts,
-                         int64_t tokens, std::vector<Weight>* out) {
+                         int64_t tokens, std::vector<Weight>* out, int64_t rows_each = 1) {
   if (qtypes.size() != counts.size() || qtypes.size() != ys.size() || ys.empty())
     return false;
   size_t first = 0;
@@ -73,7 +74,7 @@ inline bool read_weights(const ffi::RemainingArgs& args, const ffi::RemainingRet
     first += size_t(counts[i]);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
     if (y.has_error() || (*y)->dimensions().size() != 2 || (*y)->dimensions()[0] != tokens ||
-        (*y)->dimensions()[1] != w.rows)
+        (*y)->dimensions()[1] != w.rows * rows_each)
       return false;
     w.t = QType(qtypes[i]), w.y = (*y)->typed_data();
     out->push_back(w);

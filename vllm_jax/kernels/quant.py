@@ -238,7 +238,6 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
     """x [..., cols] @ W.T -> [..., rows] on a kernels.backend backend (XLA where the Pallas
     kernel does not compile); activations: the C++ kernel's (cpu.qmatmul)."""
     backend = kernel_backend.resolve(backend)
-    rows = next(iter(fields.values())).shape[0]
     x2 = x.reshape(-1, cols)  # [tokens, cols]
     if backend == "cpu":
         from vllm_jax.kernels import cpu
@@ -250,7 +249,7 @@ def qmatmul(x: jax.Array, fields: dict, qtype: str, cols: int, *, backend: str =
         w = dequantize(fields, qtype, cols, dtype=x.dtype)
         y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], rows)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def qmatmul_many(x: jax.Array, fields: list[dict], qtypes: list[str], cols: int, *,

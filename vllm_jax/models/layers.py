@@ -22,6 +22,7 @@ from flax import nnx
 
 from vllm_jax import parallel
 from vllm_jax.kernels import backend as kernel_backend
+from vllm_jax.kernels import cpu as cpu_kernels
 from vllm_jax.kernels.backend import Backends
 from vllm_jax.kernels import moe
 from vllm_jax.kernels import paged_attention as pa
@@ -60,11 +61,13 @@ def matmul(x, w):
 class Linear(nnx.Module):
     """y = x @ W.T (+ b), W in the Hugging Face [out, in] layout, dense or GGUF-packed."""
 
-    def __init__(self, weights: Mapping, name: str, backend: str | Backends = "auto"):
+    def __init__(self, weights: Mapping, name: str, backend: str | Backends = "auto",
+                 activations: str | None = None):
         w = weights[name + ".weight"]
         self.backend = kernel_backend.matmul_of(backend)
-        self.activations = kernel_backend.activations_of(backend)
+        self.activations = activations or kernel_backend.activations_of(backend)
         if isinstance(w, PackedWeight):
+            w = _in_panels(w, self.backend, self.activations)
             self.qtype, self.cols = w.qtype, w.cols
             self.weight = nnx.Dict({k: nnx.Param(v) for k, v in w.fields.items()})
             self.tp_dim = parallel.split_dim(next(iter(w.fields.values())))
@@ -95,6 +98,21 @@ class Linear(nnx.Module):
 
     def add_bias(self, y):
         return y if self.bias is None else y + self.bias[...]
+
+
+def _in_panels(w: PackedWeight, backend: str, activations: str) -> PackedWeight:
+    """With int8 (int16) activations the C++ kernels read a weight in 16-row panels
+    (cpu_q8panel.cc: 4 weights of 16 rows in one load, so a few tokens cost no unpacking and no
+    horizontal sums) where its type has them; a weight on several devices keeps GGUF's rows."""
+    arrays = list(w.fields.values())
+    if (activations not in ("int8", "int16") or kernel_backend.resolve(backend) != "cpu"
+            or not cpu_kernels.can_panel(w.fields, w.qtype)
+            or any(len(getattr(a, "sharding", None) and a.sharding.device_set or ()) > 1
+                   for a in arrays)):
+        return w
+    fields, qtype = cpu_kernels.to_panels({k: np.asarray(v) for k, v in w.fields.items()}, w.qtype)
+    device = getattr(arrays[0], "sharding", None)
+    return w._replace(qtype=qtype, fields={k: jax.device_put(v, device) for k, v in fields.items()})
 
 
 def linears(mods: list[Linear], x) -> list:
@@ -178,12 +196,30 @@ class Embedding(nnx.Module):
 
         if lin.qtype is None:
             x = gather(lin.weight[...]).astype(self.dtype)  # 16-bit rows of an f32 model: exact
+        elif cpu_kernels.is_panel(lin.qtype):  # tied to an lm_head in panels
+            rows = cpu_kernels.panel_rows(lin.fields(), lin.qtype, ids.reshape(-1))
+            x = quant.dequantize(rows, cpu_kernels.base_qtype(lin.qtype), lin.cols, self.dtype)
+            x = x.reshape(*ids.shape, -1)
         else:
             rows = {k: gather(v) for k, v in lin.fields().items()}
             x = quant.dequantize(rows, lin.qtype, lin.cols, self.dtype)
         if self.scale is not None:
             x = x * jnp.asarray(self.scale, x.dtype)
         return x
+
+
+def row_sum(x):
+    """x summed over its last axis (kept, size 1) in an order fixed by that axis's length alone:
+    halves added elementwise until one column is left. XLA's own reductions sum a row in an order
+    that depends on how many rows there are (8 or more are vectorized across rows), so a token's
+    norm, and with int8 activations its next matmul's rounding, would depend on its batch."""
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        half = x[..., :n // 2] + x[..., n // 2:n // 2 * 2]
+        if n % 2:
+            half = jnp.concatenate([half[..., :1] + x[..., -1:], half[..., 1:]], axis=-1)
+        x = half
+    return x
 
 
 class RMSNorm(nnx.Module):
@@ -197,7 +233,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        x32 = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x32.shape[-1] + self.eps)
         if self.upcast:
             return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
         return (self.weight[...] * x32.astype(x.dtype)).astype(x.dtype)
@@ -314,16 +350,18 @@ def activation(name: str):
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)).
 
-    With int8 CPU activations the down projection keeps float32 ones: act(gate) * up has the
+    With int8 CPU activations the down projection takes int16 ones: act(gate) * up has the
     outliers that per-32 int8 rounding hurts most (the default model over a ~500-token passage,
     against transformers: +0.57% perplexity with every input in int8, +0.33% with this one in
-    float32), and it is a quarter of a layer's weights."""
+    float32), and int16 is as close as float32 while its sums, like int8's, do not depend on the
+    batch (the float32 kernel's do: int8 rounding downstream turned that into other tokens)."""
 
     def __init__(self, weights: Mapping, prefix: str, backend: str, act: str = "silu"):
         self.gate_proj = Linear(weights, f"{prefix}.gate_proj", backend)
         self.up_proj = Linear(weights, f"{prefix}.up_proj", backend)
-        self.down_proj = Linear(weights, f"{prefix}.down_proj", backend)
-        self.down_proj.activations = "f32"
+        int8 = kernel_backend.activations_of(backend) == "int8"
+        self.down_proj = Linear(weights, f"{prefix}.down_proj", backend,
+                                activations="int16" if int8 else None)
         self.act = act
 
     def __call__(self, x):
