@@ -88,19 +88,18 @@ inline f8 sum8(const f8 (&a)[8]) {
          __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Rows are read in page-sized runs (page_size * dim elements: 4 KiB of float32 by default)
-// that the hardware prefetcher does not follow across pages: rows kAhead ahead are asked for
-// early.
-constexpr int64_t kAhead = 32;
-
-template <typename T>
-inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j0,
-                          int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const char* r = reinterpret_cast<const char*>(kv_row(a, cache, s, h, j));
-    for (int64_t b = 0; b < a.dim * int64_t(sizeof(T)); b += 64) __builtin_prefetch(r + b, 0, 3);
-  }
-}
+// No software prefetch: a page's rows are contiguous, and so are a sequence's pages where they
+// were handed out in a run; the hardware prefetcher follows them (in a streaming-read test on
+// this Zen 4 it crossed 4 KiB pages too). Prefetching rows ahead (32-128 rows; every line, or the
+// first lines of each page) measured 10-30% slower. (The kernel had such prefetches, but GCC 12
+// dropped the calls to their helper, which its mod-ref analysis found free of side effects.)
+// Heads a K or V vector is read for (converted once for them) and output vectors kept in
+// registers, by register count (the best of 1-4 heads measured on Zen 4, native and -march=haswell):
+#if defined(VLLM_JAX_AVX512)  // 32 vector registers
+constexpr int kKHeads = 2, kVHeads = 3, kVVecs = 8;
+#else  // 16
+constexpr int kKHeads = 1, kVHeads = 2, kVVecs = 4;
+#endif
 
 // A row's context (from its window's first key) is cut into spans of kSpan keys at fixed offsets
 // (shorter spans cost more: 512-key spans took ~15% more CPU than one pass at 8k keys, 1024 4-8%).
@@ -129,9 +128,9 @@ inline int64_t row_span(const Attn<T>& a, int64_t row, int64_t& s, int64_t& lo) 
 }
 
 // Keys [j0, j0 + n) of sequence s for query row `row` and KV head h -> its partial in `part`.
-// Keys come in blocks of 8 rows (scores of 8 rows at once for each head, summed by sum8); values
-// in blocks of up to 16 rows (each head's output, 8 vectors at a time, stays in registers over
-// the block). D8 is the head dimension in vectors (0: read it at run time).
+// Keys come in blocks of 8 rows (scores of 8 rows at once for kKHeads heads, summed by sum8);
+// values in blocks of up to 16 rows (kVHeads heads' outputs, kVVecs vectors each, stay in
+// registers over the block). D8 is the head dimension in vectors (0: read it at run time).
 template <int D8, typename T>
 void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0, int64_t n,
                  Scratch& w, float* part) {
@@ -142,24 +141,32 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
   const float* q = a.q + (row * a.heads + h * g_count) * a.dim;  // G rows of dim
   f8* qs = w.acc.data() + g_count * d8;  // q * scale, as the reference scales it
   for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
-  prefetch_rows(a, a.k, s, h, j0, j0 + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 8) {  // scores
     const T* kr[8];
     for (int r = 0; r < 8; ++r) kr[r] = kv_row(a, a.k, s, h, j0 + std::min(j + r, n - 1));
-    prefetch_rows(a, a.k, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 8, n));
-    for (int64_t g = 0; g < g_count; ++g) {
-      f8 dot[8] = {};
-      const f8* qg = qs + g * d8;
+    for (int64_t g0 = 0; g0 < g_count; g0 += kKHeads) {  // kKHeads heads a K vector read
+      const int heads = int(std::min<int64_t>(kKHeads, g_count - g0));
+      f8 dot[kKHeads][8] = {};
+      const f8* qg = qs + g0 * d8;
       for (int64_t i = 0; i < d8; ++i)
-        for (int r = 0; r < 8; ++r) dot[r] += qg[i] * load8(kr[r] + 8 * i);
-      store(w.scores.data() + g * stride + j, sum8(dot));
+        for (int r = 0; r < 8; ++r) {
+          const f8 k = load8(kr[r] + 8 * i);
+          for (int g = 0; g < kKHeads; ++g)
+            if (g < heads) dot[g][r] += qg[g * d8 + i] * k;
+        }
+      for (int g = 0; g < heads; ++g) store(w.scores.data() + (g0 + g) * stride + j, sum8(dot[g]));
     }
   }
   float *m = part, *l = part + g_count;
   for (int64_t g = 0; g < g_count; ++g) {  // softmax numerators, in place
     float* sc = w.scores.data() + g * stride;
-    m[g] = *std::max_element(sc, sc + n);
     std::fill(sc + n, sc + stride, -INFINITY);
+    f8 top = splat(-INFINITY);
+    for (int64_t j = 0; j < stride; j += 8) {
+      const f8 x = load<f8>(sc + j);
+      top = top > x ? top : x;
+    }
+    m[g] = *std::max_element(&top[0], &top[0] + 8);
     f8 total = {};
     for (int64_t j = 0; j < stride; j += 8) {
       const f8 e = exp8(load<f8>(sc + j) - m[g]);
@@ -168,26 +175,32 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
     }
     l[g] = hsum(total);
   }
-  prefetch_rows(a, a.v, s, h, j0, j0 + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 16) {  // acc[g] = sum_j p[g][j] v[j]
     const int rows = int(std::min<int64_t>(16, n - j));
     const T* vr[16];
     for (int r = 0; r < rows; ++r) vr[r] = kv_row(a, a.v, s, h, j0 + j + r);
-    prefetch_rows(a, a.v, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 16, n));
-    for (int64_t g = 0; g < g_count; ++g) {
-      const float* p = w.scores.data() + g * stride + j;
-      for (int64_t c = 0; c < d8; c += 8) {  // 8 output vectors at a time
-        f8* ag = w.acc.data() + g * d8 + c;
-        f8 o[8];
-        for (int i = 0; i < 8; ++i)
-          if (c + i < d8) o[i] = ag[i];
+    for (int64_t g0 = 0; g0 < g_count; g0 += kVHeads) {  // kVHeads heads a V vector read
+      const int heads = int(std::min<int64_t>(kVHeads, g_count - g0));
+      const float* p = w.scores.data() + g0 * stride + j;
+      for (int64_t c = 0; c < d8; c += kVVecs) {  // kVVecs output vectors a head at a time
+        f8 o[kVHeads][kVVecs];
+        f8* acc = w.acc.data() + g0 * d8 + c;
+        for (int g = 0; g < kVHeads; ++g)
+          for (int i = 0; i < kVVecs; ++i)
+            if (g < heads && c + i < d8) o[g][i] = acc[g * d8 + i];
         for (int r = 0; r < rows; ++r) {
-          const f8 pr = splat(p[r]);
-          for (int i = 0; i < 8; ++i)
-            if (c + i < d8) o[i] += pr * load8(vr[r] + 8 * (c + i));
+          f8 v[kVVecs];
+          for (int i = 0; i < kVVecs; ++i)
+            if (c + i < d8) v[i] = load8(vr[r] + 8 * (c + i));
+          for (int g = 0; g < kVHeads; ++g) {
+            const f8 pr = splat(g < heads ? p[g * stride + r] : 0.f);
+            for (int i = 0; i < kVVecs; ++i)
+              if (g < heads && c + i < d8) o[g][i] += pr * v[i];
+          }
         }
-        for (int i = 0; i < 8; ++i)
-          if (c + i < d8) ag[i] = o[i];
+        for (int g = 0; g < kVHeads; ++g)
+          for (int i = 0; i < kVVecs; ++i)
+            if (g < heads && c + i < d8) acc[g * d8 + i] = o[g][i];
       }
     }
   }
