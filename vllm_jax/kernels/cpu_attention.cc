@@ -88,19 +88,42 @@ inline f8 sum8(const f8 (&a)[8]) {
          __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// Rows are read in page-sized runs (page_size * dim elements: 4 KiB of float32 by default)
-// that the hardware prefetcher does not follow across pages: rows kAhead ahead are asked for
-// early.
-constexpr int64_t kAhead = 32;
+// A page's rows are contiguous, and so are a sequence's pages where they were handed out in a
+// run: the hardware prefetcher follows those (in a streaming read on this Zen 4, also across 4 KiB
+// pages), and prefetching every row ahead was slower than none. What it cannot guess is a jump:
+// the first rows of a page that does not follow the one before it in memory, and of V after K.
+// Those are asked for kAhead rows early, their first kJumpBytes.
+constexpr int64_t kAhead = 32, kJumpBytes = 1024;
 
+// Prefetches the first kJumpBytes (from key j0 on, in its page) of the pages that start among keys
+// [j0, j1) of sequence s (KV head h) and do not follow their predecessor in the cache; `first`:
+// the page of key j0 too. (The empty asm is an effect GCC 12 keeps: to its mod-ref analysis a
+// helper with only __builtin_prefetch in it is free of side effects, and the calls were dropped.)
 template <typename T>
-inline void prefetch_rows(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j0,
-                          int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const char* r = reinterpret_cast<const char*>(kv_row(a, cache, s, h, j));
-    for (int64_t b = 0; b < a.dim * int64_t(sizeof(T)); b += 64) __builtin_prefetch(r + b, 0, 3);
+inline void prefetch_jumps(const Attn<T>& a, const T* cache, int64_t s, int64_t h, int64_t j0,
+                           int64_t j1, bool first = false) {
+  const int32_t* table = a.tables + s * a.max_pages;
+  const int64_t ps = a.page_size;
+  for (int64_t p = first ? j0 / ps : (j0 + ps - 1) / ps; p * ps < j1; ++p) {
+    if (p * ps >= j0 && p > 0 && table[p] == table[p - 1] + 1) continue;
+    const int64_t row = std::max<int64_t>(j0 - p * ps, 0);  // of the page
+    const T* r = cache + ((h * a.pages + table[p]) * ps + row) * a.dim;
+    const int64_t bytes = std::min<int64_t>(kJumpBytes, (ps - row) * a.dim * int64_t(sizeof(T)));
+    for (int64_t b = 0; b < bytes; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(r) + b, 0, 3);
+    asm volatile("");
   }
 }
+
+// Heads a V vector is read for (converted once for them) and the output vectors of each kept in
+// registers over a block of rows, by register count: the fastest of 1-3 heads and 4 or 8 vectors
+// on Zen 4, native and -march=haswell, from memory and from cache. (Two heads a K vector read
+// was faster from cache but slower from memory.)
+#if defined(VLLM_JAX_AVX512)  // 32 vector registers
+constexpr int kVHeads = 2, kVVecs = 8;
+#else  // 16
+constexpr int kVHeads = 2, kVVecs = 4;
+#endif
 
 // A row's context (from its window's first key) is cut into spans of kSpan keys at fixed offsets
 // (shorter spans cost more: 512-key spans took ~15% more CPU than one pass at 8k keys, 1024 4-8%).
@@ -130,7 +153,7 @@ inline int64_t row_span(const Attn<T>& a, int64_t row, int64_t& s, int64_t& lo) 
 
 // Keys [j0, j0 + n) of sequence s for query row `row` and KV head h -> its partial in `part`.
 // Keys come in blocks of 8 rows (scores of 8 rows at once for each head, summed by sum8); values
-// in blocks of up to 16 rows (each head's output, 8 vectors at a time, stays in registers over
+// in blocks of up to 16 rows (kVHeads heads' outputs, kVVecs vectors each, stay in registers over
 // the block). D8 is the head dimension in vectors (0: read it at run time).
 template <int D8, typename T>
 void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0, int64_t n,
@@ -142,11 +165,11 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
   const float* q = a.q + (row * a.heads + h * g_count) * a.dim;  // G rows of dim
   f8* qs = w.acc.data() + g_count * d8;  // q * scale, as the reference scales it
   for (int64_t i = 0; i < g_count * d8; ++i) qs[i] = load<f8>(q + 8 * i) * a.scale;
-  prefetch_rows(a, a.k, s, h, j0, j0 + std::min(n, kAhead));
+  prefetch_jumps(a, a.v, s, h, j0, j0 + 1, true);
   for (int64_t j = 0; j < n; j += 8) {  // scores
+    prefetch_jumps(a, a.k, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 8, n));
     const T* kr[8];
     for (int r = 0; r < 8; ++r) kr[r] = kv_row(a, a.k, s, h, j0 + std::min(j + r, n - 1));
-    prefetch_rows(a, a.k, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 8, n));
     for (int64_t g = 0; g < g_count; ++g) {
       f8 dot[8] = {};
       const f8* qg = qs + g * d8;
@@ -158,8 +181,13 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
   float *m = part, *l = part + g_count;
   for (int64_t g = 0; g < g_count; ++g) {  // softmax numerators, in place
     float* sc = w.scores.data() + g * stride;
-    m[g] = *std::max_element(sc, sc + n);
     std::fill(sc + n, sc + stride, -INFINITY);
+    f8 top = splat(-INFINITY);
+    for (int64_t j = 0; j < stride; j += 8) {
+      const f8 x = load<f8>(sc + j);
+      top = top > x ? top : x;
+    }
+    m[g] = *std::max_element(&top[0], &top[0] + 8);
     f8 total = {};
     for (int64_t j = 0; j < stride; j += 8) {
       const f8 e = exp8(load<f8>(sc + j) - m[g]);
@@ -168,26 +196,33 @@ void attend_span(const Attn<T>& a, int64_t row, int64_t s, int64_t h, int64_t j0
     }
     l[g] = hsum(total);
   }
-  prefetch_rows(a, a.v, s, h, j0, j0 + std::min(n, kAhead));
   for (int64_t j = 0; j < n; j += 16) {  // acc[g] = sum_j p[g][j] v[j]
     const int rows = int(std::min<int64_t>(16, n - j));
+    prefetch_jumps(a, a.v, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 16, n));
     const T* vr[16];
     for (int r = 0; r < rows; ++r) vr[r] = kv_row(a, a.v, s, h, j0 + j + r);
-    prefetch_rows(a, a.v, s, h, j0 + std::min(j + kAhead, n), j0 + std::min(j + kAhead + 16, n));
-    for (int64_t g = 0; g < g_count; ++g) {
-      const float* p = w.scores.data() + g * stride + j;
-      for (int64_t c = 0; c < d8; c += 8) {  // 8 output vectors at a time
-        f8* ag = w.acc.data() + g * d8 + c;
-        f8 o[8];
-        for (int i = 0; i < 8; ++i)
-          if (c + i < d8) o[i] = ag[i];
+    for (int64_t g0 = 0; g0 < g_count; g0 += kVHeads) {  // kVHeads heads a V vector read
+      const int heads = int(std::min<int64_t>(kVHeads, g_count - g0));
+      const float* p = w.scores.data() + g0 * stride + j;
+      for (int64_t c = 0; c < d8; c += kVVecs) {  // kVVecs output vectors a head at a time
+        f8 o[kVHeads][kVVecs];
+        for (int g = 0; g < kVHeads; ++g)
+          for (int i = 0; i < kVVecs; ++i)
+            if (g < heads && c + i < d8) o[g][i] = w.acc[(g0 + g) * d8 + c + i];
         for (int r = 0; r < rows; ++r) {
-          const f8 pr = splat(p[r]);
-          for (int i = 0; i < 8; ++i)
-            if (c + i < d8) o[i] += pr * load8(vr[r] + 8 * (c + i));
+          f8 v[kVVecs];
+          for (int i = 0; i < kVVecs; ++i)
+            if (c + i < d8) v[i] = load8(vr[r] + 8 * (c + i));
+          for (int g = 0; g < kVHeads; ++g) {
+            if (g >= heads) continue;
+            const f8 pr = splat(p[g * stride + r]);
+            for (int i = 0; i < kVVecs; ++i)
+              if (c + i < d8) o[g][i] += pr * v[i];
+          }
         }
-        for (int i = 0; i < 8; ++i)
-          if (c + i < d8) ag[i] = o[i];
+        for (int g = 0; g < kVHeads; ++g)
+          for (int i = 0; i < kVVecs; ++i)
+            if (g < heads && c + i < d8) w.acc[(g0 + g) * d8 + c + i] = o[g][i];
       }
     }
   }
