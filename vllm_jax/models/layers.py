@@ -111,8 +111,13 @@ def _in_panels(w: PackedWeight, backend: str, activations: str) -> PackedWeight:
                    for a in arrays)):
         return w
     fields, qtype = cpu_kernels.to_panels({k: np.asarray(v) for k, v in w.fields.items()}, w.qtype)
-    device = getattr(arrays[0], "sharding", None)
-    return w._replace(qtype=qtype, fields={k: jax.device_put(v, device) for k, v in fields.items()})
+    sharding = getattr(arrays[0], "sharding", None)  # a mesh of one device: stay on it
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return w._replace(qtype=qtype, fields={k: jax.device_put(v, sharding)
+                                               for k, v in fields.items()})
+    # uncommitted, as the loader leaves weights: a committed one commits the step's outputs,
+    # and the cache they become would compile the first step's bucket again for committed input
+    return w._replace(qtype=qtype, fields={k: jnp.asarray(v) for k, v in fields.items()})
 
 
 def linears(mods: list[Linear], x) -> list:
