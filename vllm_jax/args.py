@@ -87,11 +87,12 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults):
                    help="paged attention's kernels (default: --kernel-backend)")
     p.add_argument("--matmul-backend", choices=choices,
                    help="the matmuls' kernels (default: --kernel-backend)")
-    p.add_argument("--cpu-activations", default="f32", choices=["f32", "int8"],
-                   help="the C++ quantized matmul's activations: float32 (default) or int8 per "
-                        "32 with integer dot products (llama.cpp's arithmetic; Q4_0-Q8_0, Q4_K, "
-                        "Q6_K; the MLP's down projection takes int16): faster prefill and "
-                        "decode, +0.35%% to +1.1%% perplexity on the default model")
+    p.add_argument("--cpu-activations", default="f32", choices=["f32", "int16", "int8"],
+                   help="the C++ quantized matmul's activations: float32 (default); int16 per "
+                        "32 with integer dot products for Q4_0, Q4_1, Q8_0 weights (within "
+                        "~1e-5 of float32, ~1.3x faster); or int8 (llama.cpp's arithmetic; "
+                        "Q4_0-Q8_0, Q4_K, Q6_K; the MLP's down projection takes int16): faster "
+                        "still, +0.35%% to +1.1%% perplexity on the default model")
     p.add_argument("--keep-quantized", action="store_const", const=True,
                    help="keep GGUF weights packed even where only XLA's path runs")
     p.add_argument("--pooling", default="last", choices=["last", "mean"],
