@@ -192,10 +192,9 @@ def can_panel(fields: dict, qtype: str) -> bool:
 def _values(fields: dict, qtype: str) -> np.ndarray:
     """A legacy type's weights as unsigned bytes [rows, blocks, 32] (w = d * u + c)."""
     qs = np.asarray(fields["qs"])
-    rows = qs.shape[0]
     if qtype == "q8_0":
-        return (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1, 32)
-    b = qs.reshape(rows, -1, 16)  # byte i: weight i (low nibble), i + 16 (high)
+        return (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(len(qs), -1, 32)
+    b = qs.reshape(len(qs), -1, 16)  # byte i: weight i (low nibble), i + 16 (high)
     return np.concatenate([b & 15, b >> 4], axis=-1)
 
 
@@ -215,6 +214,25 @@ def to_panels(fields: dict, qtype: str) -> tuple[dict, str]:
            for k in FIELDS[qtype] if k != "qs"}
     out["qs"] = np.ascontiguousarray(qs).reshape(p, -1)
     return out, f"{qtype}x{PANEL_ROWS}"
+
+
+def for_activations(w, activations: str):
+    """A kernels.quant.PackedWeight as the C++ kernels read it best with these activations: int8
+    and int16 read Q4_0, Q4_1 and Q8_0 weights in 16-row panels (4 weights of 16 rows in one
+    load, so a few tokens cost no unpacking and no horizontal sums); a weight on several devices
+    keeps GGUF's rows."""
+    arrays = list(w.fields.values())
+    if (activations not in ("int8", "int16") or not can_panel(w.fields, w.qtype)
+            or any(len(a.sharding.device_set) > 1 for a in arrays if hasattr(a, "sharding"))):
+        return w
+    fields, qtype = to_panels({k: np.asarray(v) for k, v in w.fields.items()}, w.qtype)
+    sharding = getattr(arrays[0], "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):  # a mesh of one device: stay on it
+        return w._replace(qtype=qtype, fields={k: jax.device_put(v, sharding)
+                                               for k, v in fields.items()})
+    # uncommitted, as the loader leaves weights: a committed one commits the step's outputs,
+    # and the cache they become would compile the first step's bucket again for committed input
+    return w._replace(qtype=qtype, fields={k: jnp.asarray(v) for k, v in fields.items()})
 
 
 def panel_rows(fields: dict, qtype: str, ids: jax.Array) -> dict:

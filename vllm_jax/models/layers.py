@@ -67,7 +67,8 @@ class Linear(nnx.Module):
         self.backend = kernel_backend.matmul_of(backend)
         self.activations = activations or kernel_backend.activations_of(backend)
         if isinstance(w, PackedWeight):
-            w = _in_panels(w, self.backend, self.activations)
+            if kernel_backend.resolve(self.backend) == "cpu":
+                w = cpu_kernels.for_activations(w, self.activations)
             self.qtype, self.cols = w.qtype, w.cols
             self.weight = nnx.Dict({k: nnx.Param(v) for k, v in w.fields.items()})
             self.tp_dim = parallel.split_dim(next(iter(w.fields.values())))
@@ -98,26 +99,6 @@ class Linear(nnx.Module):
 
     def add_bias(self, y):
         return y if self.bias is None else y + self.bias[...]
-
-
-def _in_panels(w: PackedWeight, backend: str, activations: str) -> PackedWeight:
-    """With int8 (int16) activations the C++ kernels read a weight in 16-row panels
-    (cpu_q8panel.cc: 4 weights of 16 rows in one load, so a few tokens cost no unpacking and no
-    horizontal sums) where its type has them; a weight on several devices keeps GGUF's rows."""
-    arrays = list(w.fields.values())
-    if (activations not in ("int8", "int16") or kernel_backend.resolve(backend) != "cpu"
-            or not cpu_kernels.can_panel(w.fields, w.qtype)
-            or any(len(getattr(a, "sharding", None) and a.sharding.device_set or ()) > 1
-                   for a in arrays)):
-        return w
-    fields, qtype = cpu_kernels.to_panels({k: np.asarray(v) for k, v in w.fields.items()}, w.qtype)
-    sharding = getattr(arrays[0], "sharding", None)  # a mesh of one device: stay on it
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return w._replace(qtype=qtype, fields={k: jax.device_put(v, sharding)
-                                               for k, v in fields.items()})
-    # uncommitted, as the loader leaves weights: a committed one commits the step's outputs,
-    # and the cache they become would compile the first step's bucket again for committed input
-    return w._replace(qtype=qtype, fields={k: jnp.asarray(v) for k, v in fields.items()})
 
 
 def linears(mods: list[Linear], x) -> list:
